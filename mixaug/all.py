@@ -5,10 +5,12 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #e9544286
-from . import core, callbacks
+# %% ../nbs/99_all.ipynb #9fb5dded
+from . import core, callbacks, semimix, show
 from .core import *
 from .callbacks import *
+from .semimix import *
+from .show import *
 
-# %% ../nbs/99_all.ipynb #5dd6326d
-__all__ = [*core.__all__, *callbacks.__all__]
+# %% ../nbs/99_all.ipynb #7406fedb
+__all__ = [*core.__all__, *callbacks.__all__, *semimix.__all__, *show.__all__]

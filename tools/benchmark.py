@@ -1,0 +1,300 @@
+"""Benchmark mixaug's mixing callbacks against fastai, timm, torchvision (and fastxtend) inside real fastai fits.
+
+One command: `python tools/benchmark.py` writes `nbs/benchmark_results.json`, which `nbs/05_benchmark.ipynb` shows.
+Three measurements, all on the CPU, in one process:
+
+- `overhead`: the time a mixing callback adds to a training batch of 3x128x128 images, inside `Learner.fit`, for
+  several batch sizes; contenders interleaved round-robin, in a new random order each round.
+- `memory`: the peak of the bytes allocated (and not yet freed) while a callback mixes a batch and its loss runs,
+  read from torch's profiler, as a multiple of the batch's own size.
+- `throughput`: samples per second of a small CNN trained on 3x32x32 images, with and without each callback.
+"""
+from __future__ import annotations
+import argparse, json, os, platform, random, subprocess, sys, time, warnings, datetime
+from functools import partial
+import numpy as np, torch, torch.nn as nn
+import fastai, timm, torchvision
+from fastai.basics import Learner, DataLoaders, CrossEntropyLossFlat
+from fastai.data.load import DataLoader
+from fastai.callback.core import Callback, CancelValidException
+import fastai.callback.mixup as fmix
+from timm.data import Mixup as TimmMixup
+from torchvision.transforms import v2
+import mixaug
+from mixaug.callbacks import MixUp, CutMix
+
+warnings.filterwarnings('ignore')
+N_CLASSES = 10
+
+def fastxtend_callbacks():
+    "fastxtend's `MixUp` and `CutMix`, or None with the reason they can't be imported here"
+    try:
+        from fastxtend.callback import cutmixup as fx
+        return fx, None
+    except Exception as e: return None, f'{type(e).__name__}: {e}'.split('\n')[0]
+
+# ---- contenders: each is a function returning (callbacks, loss function) ----
+
+class PeerMix(Callback):
+    "Mix `learn.xb`/`learn.yb` with a peer's batch transform `fn(x, y) -> (x, soft_y)` before each training batch"
+    order,run_valid = 90,False
+    def __init__(self, fn): self.fn = fn
+    def before_batch(self):
+        x,y = self.fn(self.xb[0], self.yb[0])
+        self.learn.xb,self.learn.yb = (x,),(y,)
+
+def floor_lerp(x, y):
+    "The ideal single pass: one gather of the partners and one interpolation into it"
+    n = len(x)
+    return x[torch.randperm(n)].lerp_(x, torch.rand(n,1,1,1)), y
+
+def floor_copy(x, y): return x.clone(), y
+
+class Floor(Callback):
+    "A floor contender: replaces the batch's input by `fn(x, y)[0]`, targets untouched"
+    order,run_valid = 90,False
+    def __init__(self, fn): self.fn = fn
+    def before_batch(self): self.learn.xb = (self.fn(self.xb[0], self.yb[0])[0],)
+
+def timm_fn(mode, cutmix):
+    m = TimmMixup(mixup_alpha=0. if cutmix else .4, cutmix_alpha=1. if cutmix else 0., mode=mode,
+                  label_smoothing=0., num_classes=N_CLASSES)
+    return m
+
+def tv_fn(cutmix):
+    t = v2.CutMix(alpha=1., num_classes=N_CLASSES) if cutmix else v2.MixUp(alpha=.4, num_classes=N_CLASSES)
+    return lambda x,y: t(x, y)
+
+def contenders(include=None):
+    "Name -> (kind, factory of `(callbacks, loss_func)`); kind is the fastai contender it is compared with"
+    ce_flat,ce = CrossEntropyLossFlat,nn.CrossEntropyLoss
+    c = {
+        'none':               ('none',   lambda: ([], ce_flat())),
+        'floor: copy':        ('floor',  lambda: ([Floor(floor_copy)], ce_flat())),
+        'floor: gather+lerp': ('floor',  lambda: ([Floor(floor_lerp)], ce_flat())),
+        'fastai MixUp':       ('mixup',  lambda: ([fmix.MixUp()], ce_flat())),
+        'fastai CutMix':      ('cutmix', lambda: ([fmix.CutMix()], ce_flat())),
+        'mixaug MixUp':       ('mixup',  lambda: ([MixUp()], ce_flat())),
+        'mixaug MixUp per_batch': ('mixup', lambda: ([MixUp(per_batch=True)], ce_flat())),
+        'mixaug CutMix':      ('cutmix', lambda: ([CutMix()], ce_flat())),
+        'mixaug CutMix per_batch': ('cutmix', lambda: ([CutMix(per_batch=True)], ce_flat())),
+        'timm MixUp batch':   ('mixup',  lambda: ([PeerMix(timm_fn('batch', False))], ce())),
+        'timm MixUp elem':    ('mixup',  lambda: ([PeerMix(timm_fn('elem', False))], ce())),
+        'timm CutMix batch':  ('cutmix', lambda: ([PeerMix(timm_fn('batch', True))], ce())),
+        'timm CutMix elem':   ('cutmix', lambda: ([PeerMix(timm_fn('elem', True))], ce())),
+        'torchvision MixUp':  ('mixup',  lambda: ([PeerMix(tv_fn(False))], ce())),
+        'torchvision CutMix': ('cutmix', lambda: ([PeerMix(tv_fn(True))], ce())),
+    }
+    fx,_ = fastxtend_callbacks()
+    if fx is not None:
+        c['fastxtend MixUp'] = ('mixup', lambda: ([fx.MixUp()], ce_flat()))
+        c['fastxtend CutMix'] = ('cutmix', lambda: ([fx.CutMix(uniform=False)], ce_flat()))
+    if include: c = {k:v for k,v in c.items() if k in include}
+    return c
+
+# ---- data and model ----
+
+class PoolDL(DataLoader):
+    "`n_batches` batches per epoch, each a fresh copy of a batch kept in memory (as collation would make)"
+    def __init__(self, x, y, n_batches, **kwargs):
+        self.px,self.py = x,y
+        super().__init__(range(len(x)*n_batches), bs=len(x), **kwargs)
+    def create_batch(self, b): return self.px.clone(),self.py.clone()
+
+class Strided(nn.Module):
+    "A model cheap enough that the mixing cost shows: a linear layer on every 8th pixel"
+    def __init__(self, c, h, w): super().__init__(); self.lin = nn.Linear(c*((h+7)//8)*((w+7)//8), N_CLASSES)
+    def forward(self, x): return self.lin(x[:, :, ::8, ::8].flatten(1))
+
+class NoValid(Callback):
+    "Skip validation: only training batches are measured"
+    def before_validate(self): raise CancelValidException
+
+class Spans(Callback):
+    "Time `before_batch` (all callbacks) and from the first `after_pred` to the last `after_loss`, per batch: wall and CPU time"
+    def __init__(self, first:bool, rec): self.first,self.rec,self.order = first,rec,(-1000 if first else 1000)
+    def _now(self): return time.perf_counter(),time.thread_time()
+    def before_batch(self):
+        if self.first: self.rec['t0'] = self._now()
+        else: self.rec['bb'] = [b-a for a,b in zip(self.rec['t0'], self._now())]
+    def after_pred(self):
+        if self.first: self.rec['t1'] = self._now()
+    def after_loss(self):
+        if self.first: return
+        (w,c),(w1,c1) = self._now(),self.rec['t1']
+        self.rec['spans'].append(self.rec['bb'][0] + w-w1)
+        self.rec['cpu_spans'].append(self.rec['bb'][1] + c-c1)
+
+def make_learner(factory, x, y, n_batches, model=None):
+    cbs,lf = factory()
+    rec = dict(spans=[], cpu_spans=[])
+    dls = DataLoaders(PoolDL(x, y, n_batches), PoolDL(x[:2], y[:2], 1))
+    learn = Learner(dls, model if model is not None else Strided(*x.shape[1:]), loss_func=lf,
+                    cbs=cbs+[NoValid(), Spans(True, rec), Spans(False, rec)])
+    learn.rec = rec
+    return learn
+
+def batch(bs, size=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(bs, 3, size, size, generator=g),torch.randint(0, N_CLASSES, (bs,), generator=g)
+
+# ---- 1. overhead ----
+
+def overhead(sizes, rounds, n_batches, include=None, log=print):
+    "Per-batch spans for every contender and batch size, contenders interleaved round-robin in a shuffled order"
+    cs,res = contenders(include),{}
+    rng = random.Random(0)
+    for bs in sizes:
+        x,y = batch(bs)
+        learners = {k:make_learner(f, x, y, n_batches) for k,(_,f) in cs.items()}
+        for l in learners.values():
+            with l.no_logging(): l.fit(1)  # warm-up
+            l.rec['spans'].clear(); l.rec['cpu_spans'].clear()
+        for r in range(rounds):
+            order = list(learners); rng.shuffle(order)
+            for k in order:
+                with learners[k].no_logging(): learners[k].fit(1)
+        res[bs] = {k:l.rec['spans'] for k,l in learners.items()}
+        res[f'cpu{bs}'] = {k:l.rec['cpu_spans'] for k,l in learners.items()}
+        log(f'bs={bs}: ' + ', '.join(f'{k} {1e3*np.median(v):.1f}ms' for k,v in res[bs].items()))
+    return res
+
+def summarise(raw, kinds, cpu=False):
+    "Overhead over `none` (median and min) per contender, and ratios to the fastai contender of the same kind"
+    out = {}
+    for bs,d in raw.items():
+        if isinstance(bs, str): continue
+        rows = {}
+        for src,sfx in [(d,'')] + ([(raw[f'cpu{bs}'],'_cpu')] if cpu else []):
+            med0,min0 = np.median(src['none']),np.min(src['none'])
+            for k,v in src.items():
+                r = rows.setdefault(k, dict(n=len(v)))
+                r[f'median{sfx}_ms'],r[f'min{sfx}_ms'] = 1e3*(np.median(v)-med0),1e3*(np.min(v)-min0)
+            for k,r in rows.items():
+                ref = {'mixup':'fastai MixUp', 'cutmix':'fastai CutMix'}.get(kinds[k])
+                if ref in rows:
+                    r[f'ratio{sfx}_median'] = r[f'median{sfx}_ms']/rows[ref][f'median{sfx}_ms']
+                    r[f'ratio{sfx}_min'] = r[f'min{sfx}_ms']/rows[ref][f'min{sfx}_ms']
+        out[bs] = rows
+    return out
+
+# ---- 2. memory ----
+
+def peak_extra_bytes(fn):
+    "Peak of the bytes allocated and not yet freed while `fn` runs: torch profiler's allocator events, in time order"
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: fn()
+    evs = sorted((e.start_ns(),e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name()=='[memory]')
+    cur = peak = 0
+    for _,b in evs: cur += b; peak = max(peak, cur)
+    return peak
+
+def memory(sizes, include=None, reps=5):
+    "Peak extra memory while one training batch is mixed and its loss computed, in multiples of the input batch's bytes"
+    res = {}
+    for bs in sizes:
+        x,y = batch(bs)
+        res[bs] = {}
+        for k,(_,f) in contenders(include).items():
+            learn = make_learner(f, x, y, 1)
+            learn.training,learn.pct_train,learn.epoch,learn.n_epoch,learn.iter = True,0.,0,1,0
+            for cb in learn.cbs: getattr(cb, 'before_train', lambda: None)()  # the mixing callbacks' set-up (fastai's swaps the loss)
+            peaks = []
+            for _ in range(reps):
+                b = (x.clone(),y.clone())
+                def step():
+                    learn._split(b); learn('before_batch')
+                    learn.pred = torch.zeros(bs, N_CLASSES, requires_grad=True); learn('after_pred')
+                    learn.loss_func(learn.pred, *learn.yb); learn('after_loss')
+                    learn.xb = learn.yb = learn.pred = None  # what fit frees at the end of the batch
+                peaks.append(peak_extra_bytes(step))
+                del b
+            res[bs][k] = float(np.median(peaks))/(x.numel()*x.element_size())
+    return res
+
+# ---- 3. end-to-end throughput ----
+
+def small_cnn():
+    "A small CNN for 3x32x32 images: three 3x3 convolutions with pooling, then a linear layer"
+    return nn.Sequential(nn.Conv2d(3,16,3,padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16,32,3,padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(32,64,3,padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(64, N_CLASSES))
+
+THROUGHPUT = ['none', 'fastai MixUp', 'fastai CutMix', 'mixaug MixUp', 'mixaug CutMix', 'mixaug CutMix per_batch',
+              'timm MixUp batch', 'timm CutMix elem', 'torchvision MixUp', 'torchvision CutMix']
+
+def throughput(bs, rounds, n_batches, include=None, log=print):
+    "Samples/s of a small CNN on 3x32x32 images, per contender, epochs interleaved round-robin"
+    x,y = batch(bs, 32)
+    cs = {k:v for k,v in contenders(include).items() if k in THROUGHPUT}
+    learners = {k:make_learner(f, x, y, n_batches, model=small_cnn()) for k,(_,f) in cs.items()}
+    times,cpu = {k:[] for k in learners},{k:[] for k in learners}
+    for l in learners.values():
+        with l.no_logging(): l.fit(1, 1e-3)
+    rng = random.Random(1)
+    for r in range(rounds):
+        order = list(learners); rng.shuffle(order)
+        for k in order:
+            with learners[k].no_logging():
+                t,c = time.perf_counter(),time.process_time(); learners[k].fit(1, 1e-3)
+                times[k].append(time.perf_counter()-t); cpu[k].append(time.process_time()-c)
+    sps = {k:dict(median=bs*n_batches/np.median(v), max=bs*n_batches/np.min(v),
+                  cpu_median=bs*n_batches/np.median(cpu[k]), cpu_max=bs*n_batches/np.min(cpu[k])) for k,v in times.items()}
+    for k,v in sps.items():
+        v['ratio_median'] = v['median']/sps['none']['median']; v['ratio_best'] = v['max']/sps['none']['max']
+        v['ratio_cpu_median'] = v['cpu_median']/sps['none']['cpu_median']; v['ratio_cpu_best'] = v['cpu_max']/sps['none']['cpu_max']
+    log('throughput: ' + ', '.join(f"{k} {v['ratio_median']:.3f}" for k,v in sps.items()))
+    return sps
+
+# ---- environment ----
+
+def environment():
+    try: cpu = [l.split(':',1)[1].strip() for l in subprocess.run(['lscpu'], capture_output=True, text=True).stdout.splitlines()
+                if l.startswith('Model name')][0]
+    except Exception: cpu = platform.processor()
+    fx,why = fastxtend_callbacks()
+    import importlib.metadata as md
+    def ver(p):
+        try: return md.version(p)
+        except Exception: return None
+    import hashlib
+    src = {f:hashlib.sha1(open(os.path.join(os.path.dirname(mixaug.__file__), f), 'rb').read()).hexdigest()[:10]
+           for f in ['core.py','callbacks.py']}
+    return dict(mixaug_source_sha1=src, date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), cpu=cpu,
+                cores=os.cpu_count(), torch_threads=torch.get_num_threads(), load_avg=os.getloadavg(),
+                python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
+                timm=timm.__version__, torchvision=torchvision.__version__, mixaug=mixaug.__version__,
+                fastxtend=ver('fastxtend'), fastxtend_error=why)
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--sizes', default='32,64,128,256')
+    p.add_argument('--rounds', type=int, default=5, help='epochs per contender and batch size in the overhead fits')
+    p.add_argument('--batches', type=int, default=4, help='batches per epoch in the overhead fits')
+    p.add_argument('--tp_rounds', type=int, default=6, help='epochs per contender in the throughput fits')
+    p.add_argument('--include', default=None, help='comma-separated contender names (default: all)')
+    p.add_argument('--threads', type=int, default=2, help='torch threads (the machines have 2 cores)')
+    p.add_argument('--skip', default='', help='comma-separated parts to skip: overhead,memory,throughput')
+    p.add_argument('--out', default=os.path.join(os.path.dirname(__file__), '..', 'nbs', 'benchmark_results.json'))
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads); torch.manual_seed(0); np.random.seed(0)
+    sizes = [int(s) for s in a.sizes.split(',')]
+    inc = a.include.split(',') if a.include else None
+    res = dict(env=environment(), command=' '.join(['python tools/benchmark.py']+(argv if argv is not None else sys.argv[1:])),
+               settings=dict(sizes=sizes, rounds=a.rounds, batches=a.batches, tp_rounds=a.tp_rounds, tp_bs=128, tp_image='3x32x32', tp_batches=4, image='3x128x128', threads=a.threads))
+    kinds = {k:v[0] for k,v in contenders(inc).items()}
+    res['kinds'] = kinds
+    t0 = time.time()
+    if 'overhead' not in a.skip:
+        raw = overhead(sizes, a.rounds, a.batches, inc)
+        res['overhead_raw_ms'] = {bs:{k:[1e3*t for t in v] for k,v in d.items()} for bs,d in raw.items()}
+        res['overhead'] = summarise(raw, kinds, cpu=a.threads==1)  # a thread's CPU time is the work only with 1 thread
+    if 'memory' not in a.skip: res['memory'] = memory(sizes, inc); print('memory', res['memory'])
+    if 'throughput' not in a.skip: res['throughput'] = throughput(128, a.tp_rounds, 4, inc)
+    res['env']['seconds'] = time.time()-t0
+    res['env']['load_avg_end'] = os.getloadavg()
+    with open(a.out, 'w') as f: json.dump(res, f, indent=1)
+    print('wrote', os.path.abspath(a.out))
+    return res
+
+if __name__ == '__main__': main()
