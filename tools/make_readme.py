@@ -7,9 +7,10 @@
 The notebook goes through the same steps as the docs pages (tools/docs_preview.py): nbdev's docs processors (hidden
 cells dropped, `show_doc` rendered, front matter taken from the title cell), then Quarto's cell options, then
 nbconvert's MarkdownExporter. Differences from `nbdev_readme`, on purpose:
-- figures that cells output (plots, images) are left out: a README can't carry them without committing image
-  files, and GitHub/PyPI don't show embedded (data:) images. Images the notebook's markdown links to
-  (e.g. `![](images/x.png)`) are kept, with their paths made relative to the repository root (`nbs/images/x.png`);
+- figures that cells output (plots, images) are written to `nbs/images/readme_N.<ext>` from the notebook's stored
+  outputs and linked from the README (GitHub and PyPI don't show embedded data: images); `--check` also checks those
+  files. Images the notebook's markdown links to (e.g. `![](images/x.png)`) are kept, with their paths made
+  relative to the repository root (`nbs/images/x.png`);
 - links to other notebooks/pages (`00_core.ipynb`, `core.html`) point to the documentation site.
 The output depends only on the notebook (its stored outputs), the package's docstrings and nbdev, so it is
 reproducible; CI runs `--check`.
@@ -59,16 +60,20 @@ def render_readme():
     nb = nbformat.reads(nb2str(pnb), as_version=4)
     fm = dp.quarto_cells(nb, for_markdown=True)
     nb.metadata['language_info'] = {'name': 'python'}
-    dropped = 0
+    import base64
+    images = {}  # path relative to nbs/ -> bytes, from the notebook's stored figure outputs
     for c in nb.cells:
         if c.cell_type != 'code': continue
-        keep = [o for o in c.outputs if not any(k.startswith('image/') for k in o.get('data', {}))]
-        dropped += len(c.outputs) - len(keep)
-        c.outputs = keep
+        outs = []
+        for o in c.outputs:
+            kind = next((k for k in ('image/jpeg', 'image/png') if k in o.get('data', {})), None)
+            if kind is None: outs.append(o); continue
+            name = f"images/readme_{len(images)}.{kind.split('/')[1]}"
+            images[name] = base64.b64decode(o['data'][kind])
+            outs.append(nbformat.v4.new_output('display_data', data={'text/markdown': f'![]({name})'}))
+        c.outputs = outs
         if c.metadata.get('transient', {}).get('remove_source') and not c.outputs: c.cell_type, c.source = 'raw', ''
     nb.cells = [c for c in nb.cells if not (c.cell_type == 'raw' and not c.source)]
-    if dropped: print(f'make_readme: left out {dropped} figure output(s) of {src.name} (see module docstring)',
-                      file=sys.stderr)
     body, _ = MarkdownExporter().from_notebook_node(nb)
     site = (cfg.get('doc_host', '') + cfg.get('doc_baseurl', '')).rstrip('/')
     body = fix_links(body, cfg.nbs_path.relative_to(cfg.config_path).as_posix(), site)
@@ -78,7 +83,7 @@ def render_readme():
     if fm.get('description'): head += f'> {fm["description"]}\n\n'
     text = head + body
     text = '\n'.join(l.rstrip() if not l.endswith('  ') or not l.strip() else l for l in text.splitlines())
-    return re.sub(r'\n{3,}', '\n\n', text).strip() + '\n'
+    return re.sub(r'\n{3,}', '\n\n', text).strip() + '\n', {cfg.nbs_path/k: v for k,v in images.items()}
 
 
 def main(argv=None):
@@ -86,10 +91,13 @@ def main(argv=None):
     ap.add_argument('--check', action='store_true', help='only check that README.md is up to date')
     ap.add_argument('--out', default='README.md', help='file to write (default: README.md)')
     a = ap.parse_args(argv)
-    text = render_readme()
+    text,images = render_readme()
     out = dp.ROOT/a.out
     if a.check:
         old = out.read_text(encoding='utf-8') if out.exists() else ''
+        stale = [str(p) for p,b in images.items() if not p.exists() or p.read_bytes() != b]
+        if stale: print(f'README images out of date: {stale}: run `.venv/bin/python tools/make_readme.py` and commit them.',
+                        file=sys.stderr); return 1
         if old == text: print(f'{a.out} is up to date with nbs/index.ipynb'); return 0
         diff = list(difflib.unified_diff(old.splitlines(), text.splitlines(), f'{a.out} (committed)',
                                          f'{a.out} (from nbs/index.ipynb)', lineterm=''))
@@ -98,7 +106,8 @@ def main(argv=None):
               file=sys.stderr)
         return 1
     out.write_text(text, encoding='utf-8')
-    print(f'wrote {out}')
+    for p,b in images.items(): p.parent.mkdir(exist_ok=True); p.write_bytes(b)
+    print(f'wrote {out}' + (f' and {len(images)} image(s) in nbs/images/' if images else ''))
     return 0
 
 
