@@ -269,9 +269,9 @@ def environment():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--sizes', default='32,64,128,256')
-    p.add_argument('--rounds', type=int, default=5, help='epochs per contender and batch size in the overhead fits')
+    p.add_argument('--rounds', type=int, default=10, help='epochs per contender and batch size in the overhead fits')
     p.add_argument('--batches', type=int, default=4, help='batches per epoch in the overhead fits')
-    p.add_argument('--tp_rounds', type=int, default=6, help='epochs per contender in the throughput fits')
+    p.add_argument('--tp_rounds', type=int, default=10, help='epochs per contender in the throughput fits')
     p.add_argument('--include', default=None, help='comma-separated contender names (default: all)')
     p.add_argument('--threads', type=int, default=2, help='torch threads (the machines have 2 cores)')
     p.add_argument('--skip', default='', help='comma-separated parts to skip: overhead,memory,throughput')

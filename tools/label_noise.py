@@ -101,8 +101,10 @@ def main(argv=None):
     methods = [m for m in methods if m not in not_run]
     start = time.time()
     rows = grid(methods, [float(n) for n in a.noises.split(',')], list(range(a.seeds)), a.epochs, a.workers)
-    import fastai, mixaug
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+    import fastai, mixaug, hashlib
+    src = {f:hashlib.sha1(open(os.path.join(os.path.dirname(mixaug.__file__), f), 'rb').read()).hexdigest()[:10]
+           for f in ['core.py','callbacks.py','semimix.py'] if os.path.exists(os.path.join(os.path.dirname(mixaug.__file__), f))}
+    meta = dict(mixaug_source_sha1=src, date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
                 command=' '.join(['python tools/label_noise.py']+(argv if argv is not None else sys.argv[1:])),
                 torch=torch.__version__, fastai=fastai.__version__, mixaug=mixaug.__version__, python=platform.python_version(),
                 seconds=time.time()-start, epochs=a.epochs, lr=3e-3, bs=64, n_train=N_TRAIN, not_run=not_run)
