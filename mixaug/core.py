@@ -101,7 +101,7 @@ def blend(t:Tensor, other:Tensor, w:Tensor) -> Tensor:
     "A new tensor: `w*t + (1-w)*other` for floats, or `t` where `w` is True; for integers, `t` where `w >= 0.5` else `other`"
     if not t.is_floating_point(): return torch.where(w if w.dtype==torch.bool else w>=0.5, t, other)
     if other.data_ptr()==t.data_ptr(): other = other.clone()  # never write into the caller's tensor
-    if w.dtype==torch.bool: return torch.where(w, t, other, out=other)  # a paste: cheaper than a lerp with 0/1 weights
+    if w.dtype==torch.bool: return torch.where(w, t, other, out=other)  # a paste, for callers holding a bool map
     return other.lerp_(t, w.to(t.dtype))
 
 # %% ../nbs/00_core.ipynb #77070282
