@@ -157,6 +157,12 @@ def exact(self:Mix) -> bool:
     "Whether every sample was cut by a box, so every position shows one source only"
     return self.box is not None and self.cut is None
 
+@patch(as_prop=True)
+def is_cut(self:Mix) -> Tensor:
+    "Bool per sample: whether a box of its partner was pasted into it"
+    if self.box is None: return torch.zeros_like(self.lam, dtype=torch.bool)
+    return torch.ones_like(self.lam, dtype=torch.bool) if self.cut is None else self.cut
+
 @patch
 def is_spatial(self:Mix, t:Tensor) -> bool:
     "Whether `t` has the box's spatial dims: `(n, c, *spatial)`, or `(n, *spatial)` at the first input's size (a mask)"
@@ -201,7 +207,7 @@ def loss_sources(self:Mix, y:Tensor) -> tuple[Tensor,Tensor,Tensor]:
     if not self.is_spatial(y): return y,other,self.lam
     # A cut sample shows one source per position, so both targets are its cut target; the others interpolate
     m = self.weight(y)
-    cut = torch.ones_like(self.lam, dtype=torch.bool) if self.cut is None else self.cut
+    cut = self.is_cut
     cut_map = _spread(cut, m.ndim)
     a,b = blend(y, other, torch.where(cut_map, m, 1.)),blend(y, other, torch.where(cut_map, m, 0.))
     return a,b,torch.where(cut, 1., self.lam)

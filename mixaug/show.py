@@ -142,7 +142,7 @@ def mix_titles(
         else:
             own = _top2(y0[i], vocab) if soft else lab(y0, i) if y0 is not None else f"#{i}"
             t = f"{own} ×{lam:.2f} + {partner or lab(y0, j)} ×{1-lam:.2f}"
-        if mix.box is not None and (mix.cut is None or bool(mix.cut[i])): t += ' (box)'
+        if mix.is_cut[i]: t += ' (box)'
         res.append(t)
     return res
 
@@ -237,7 +237,7 @@ def show_mix(
     for i in range(n):
         a = axs[i*per]
         _show_img(ims[i], a, ts[i], fontsize)
-        if boxes and mb.mix is not None and mb.mix.box is not None and (mb.mix.cut is None or mb.mix.cut[i]): _draw_box(a, mb.mix, i, ims.shape[-2:])
+        if boxes and mb.mix is not None and mb.mix.is_cut[i]: _draw_box(a, mb.mix, i, ims.shape[-2:])
         if per==3:
             j = int(mb.mix.idx[i])
             _show_img(own[i], axs[i*per+1], f"own: {ts[i].split(' ×')[0]}", fontsize)
