@@ -4,16 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #c72860fa
 from __future__ import annotations
-import math, inspect, functools
+import math, inspect, functools, numbers
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['NoneReduce', 'loss_reduction', 'reduce_loss', 'check_alpha', 'log_gamma', 'draw_lam', 'draw_partners', 'blend',
-           'draw_boxes', 'box_masks', 'box_keep_map', 'box_kept_fraction', 'Mix', 'draw_mixup', 'spatial_shape',
-           'draw_cutmix', 'draw_cutmixup', 'CountSyncs']
+__all__ = ['NoneReduce', 'loss_reduction', 'reduce_loss', 'as_real', 'check_alpha', 'check_prob', 'log_gamma', 'draw_lam',
+           'draw_partners', 'blend', 'draw_boxes', 'box_masks', 'box_keep_map', 'box_kept_fraction', 'Mix',
+           'draw_mixup', 'spatial_shape', 'draw_cutmix', 'draw_cutmixup', 'CountSyncs']
 
 # %% ../nbs/00_core.ipynb #ea762772
 def _takes_reduction(f):
@@ -53,11 +53,24 @@ def reduce_loss(loss:Tensor, reduction:str='mean') -> Tensor:
     raise ValueError(f"`reduction` must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 # %% ../nbs/00_core.ipynb #8d44f010
-def check_alpha(alpha, name='alpha'):
-    "Return `alpha` as a float, or raise if it is not a finite number > 0"
-    ok = isinstance(alpha, (int,float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha>0
-    if not ok: raise ValueError(f"`{name}` must be a finite number > 0 (the Beta distribution's parameter), got {alpha!r}")
-    return float(alpha)
+def as_real(v, name:str, expected:str='a real number') -> float:
+    "`v` as a float if it is a real number (Python's, numpy's or a 0-d tensor; not a bool), else a `TypeError` naming `name`"
+    if isinstance(v, Tensor) and v.ndim==0 and v.dtype!=torch.bool and not v.is_complex(): v = v.item()  # at construction, not per batch
+    if isinstance(v, numbers.Real) and not isinstance(v, bool): return float(v)
+    raise TypeError(f"`{name}` must be {expected}; got {v!r} ({type(v).__name__})")
+
+def check_alpha(alpha, name='alpha') -> float:
+    "Return `alpha` as a float, or raise if it is not a finite real number > 0"
+    expected = 'a finite number > 0 (the Beta distribution\'s parameter)'
+    a = as_real(alpha, name, expected)
+    if not (math.isfinite(a) and a>0): raise ValueError(f"`{name}` must be {expected}, got {alpha!r}")
+    return a
+
+def check_prob(p, name:str, what:str='a probability') -> float:
+    "Return `p` as a float, or raise if it is not a real number in [0, 1]"
+    v = as_real(p, name, f"{what}, a number in [0, 1]")
+    if not 0 <= v <= 1: raise ValueError(f"`{name}` is {what}, a number in [0, 1]; got {p!r}")
+    return v
 
 # %% ../nbs/00_core.ipynb #be735ba5
 def _draw(fn, *shape, device=None, generator=None):
