@@ -13,7 +13,7 @@ from fastai.learner import Learner
 from .core import *
 
 # %% auto #0
-__all__ = ['MixHandler', 'MixUp', 'CutMix', 'CutMixUp']
+__all__ = ['rank_world', 'MixHandler', 'MixUp', 'CutMix', 'CutMixUp']
 
 # %% ../nbs/01_callbacks.ipynb #bf1a78da
 class _MixedLoss:
@@ -24,7 +24,7 @@ class _MixedLoss:
         finally: self.learn.loss_func = self.loss_func
 
 # %% ../nbs/01_callbacks.ipynb #98f6282e
-def _rank_world() -> tuple[int,int]:
+def rank_world() -> tuple[int,int]:
     "This process's rank and the number of processes, `(0, 1)` outside distributed training"
     dist = torch.distributed
     return (dist.get_rank(),dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0,1)
@@ -58,7 +58,7 @@ class MixHandler(Callback):
     def _gen(self, device):
         "The generator to draw with on `device`: the one given, else the callback's own when seeded or distributed"
         if self.coin is None:
-            rank,world = _rank_world()
+            rank,world = rank_world()
             seed = self.seed
             if seed is None and world>1 and self.generator is None:
                 seed = int(torch.randint(2**62, (1,)))  # distributed: from torch's global (CPU) generator, plus the rank below

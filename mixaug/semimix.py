@@ -11,7 +11,7 @@ from fastai.data.load import DataLoader
 from fastai.data.core import Datasets, TfmdLists, test_set
 from .core import *
 from .core import _spread
-from .callbacks import MixHandler, _rank_world
+from .callbacks import MixHandler, rank_world
 
 # %% auto #0
 __all__ = ['unlabeled_dl', 'SemiMix']
@@ -78,7 +78,7 @@ class SemiMix(MixHandler):
     def _stream(self):
         "The unlabelled loader, made on first use"
         if self._dl is None:
-            rank,world = _rank_world()
+            rank,world = rank_world()
             self._dl = unlabeled_dl(self.dls, self.unlabeled, rank, world, self.seed)
         return self._dl
 
