@@ -144,5 +144,6 @@ d = { 'settings': { 'branch': 'main',
                                    'mixaug.test_utils.quiet_fit': ('test_utils.html#quiet_fit', 'mixaug/test_utils.py'),
                                    'mixaug.test_utils.read_shares': ('test_utils.html#read_shares', 'mixaug/test_utils.py'),
                                    'mixaug.test_utils.run_batch': ('test_utils.html#run_batch', 'mixaug/test_utils.py'),
+                                   'mixaug.test_utils.small_figures': ('test_utils.html#small_figures', 'mixaug/test_utils.py'),
                                    'mixaug.test_utils.tiny_dls': ('test_utils.html#tiny_dls', 'mixaug/test_utils.py'),
                                    'mixaug.test_utils.tiny_learner': ('test_utils.html#tiny_learner', 'mixaug/test_utils.py')}}}
