@@ -90,10 +90,10 @@ MixedBatch.__doc__ = "A mixed batch `xb`, `yb` as the model sees it, the `Mix` d
 
 # %% ../nbs/03_show.ipynb #09705a04
 def mixed_batch(
-    learn:Learner, # A Learner holding a mixing callback (or pass `cb`)
-    b:tuple|None=None, # A batch `(*inputs, *targets)`; default a new batch of `learn.dls.train`
-    cb:MixHandler|None=None, # The mixing callback to run; default the one in `learn.cbs`
-    pct_train:float=0., # Point of training to mix at (a callback with `stop_at` stops mixing past it)
+    learn:Learner, # A Learner holding a mixing callback (or pass cb)
+    b:tuple|None=None, # A batch (*inputs, *targets); default a new batch of learn.dls.train
+    cb:MixHandler|None=None, # The mixing callback to run; default the one in learn.cbs
+    pct_train:float=0., # Point of training to mix at (a callback with stop_at stops mixing past it)
 ) -> MixedBatch:
     "Run only `cb.before_batch` on batch `b`, as training would, and return what it made; `learn` and `cb` are left as they were"
     cb,dl = _pick_cb(learn, cb),learn.dls.train
@@ -150,7 +150,7 @@ def _kind(y):
 
 # %% ../nbs/03_show.ipynb #dda5bf3c
 def mix_titles(
-    mix:Mix|None, # The `Mix` drawn for the batch, or None if the batch was not mixed
+    mix:Mix|None, # The Mix drawn for the batch, or None if the batch was not mixed
     y0:Tensor|None, # The batch's first target before mixing
     y:Tensor|None=None, # The first target after mixing (used for soft targets and values); default computed from mix
     vocab:list|None=None, # Class names; default the integers
@@ -273,9 +273,9 @@ def _mix_table(learn, mb, n, vocab):
 
 # %% ../nbs/03_show.ipynb #4a9d9faa
 def show_mix(
-    learn:Learner, # A Learner holding a mixing callback (or pass `cb`)
-    b:tuple|None=None, # A batch to mix; default a new batch of `learn.dls.train`
-    cb:MixHandler|None=None, # The mixing callback to show; default the one in `learn.cbs`
+    learn:Learner, # A Learner holding a mixing callback (or pass cb)
+    b:tuple|None=None, # A batch to mix; default a new batch of learn.dls.train
+    cb:MixHandler|None=None, # The mixing callback to show; default the one in learn.cbs
     n:int=8, # Number of samples to show
     sources:bool=False, # Show each sample's two sources next to it (two more panels per sample)
     ncols:int|None=None, # Columns of the grid (default: get_grid's, or a row per sample with sources or masks)
@@ -284,7 +284,7 @@ def show_mix(
     figsize:tuple|None=None, # Size of the figure; default 1.8 inches per panel
     axs:list|None=None, # Axes to draw into instead of a new figure (at least as many as panels)
     fontsize:int=8, # Font size of the titles
-    **kwargs # Passed to `mixed_batch`: `pct_train`
+    **kwargs # Passed to mixed_batch: pct_train
 ):
     "Show `n` mixed training samples as the model sees them, titled with sources and weights (and masks); a DataFrame for non-image inputs"
     n = _count(n, 'n', 'the number of samples to show')
@@ -320,6 +320,7 @@ def show_mix(
         _show_img(ims[i], a, fit(ts[i], a), fontsize)
         if boxes and mb.mix is not None and mb.mix.is_cut[i]: _draw_box(a, mb.mix, i, ims.shape[-2:])
         if seg: _show_mask(masks[i], axs[i*per+1], codes, fontsize)
+        if seg and boxes and mb.mix is not None and mb.mix.is_cut[i]: _draw_box(axs[i*per+1], mb.mix, i, masks.shape[-2:], 'black')
         if src:
             j,k = int(mb.mix.idx[i]),i*per+1+seg
             _show_img(own[i], axs[k], fit(f"own: {ts[i].split(' ×')[0]}", axs[k]), fontsize)
@@ -329,7 +330,7 @@ def show_mix(
 
 # %% ../nbs/03_show.ipynb #9155bdda
 def _learner_show_mix(self:Learner,
-    **kwargs # `show_mix`'s arguments: `b`, `cb`, `n`, `sources`, ...
+    **kwargs # show_mix's arguments: b, cb, n, sources, ...
 ):
     "Show a mixed training batch of this Learner: see `show_mix`"
     return show_mix(self, **kwargs)
@@ -348,7 +349,7 @@ def beta_pdf(
 def lam_pdf(
     x, # Points in (0, 1), an array or a float
     alpha:float, # First parameter of the Beta law
-    beta:float|None=None, # Second parameter; default `alpha`
+    beta:float|None=None, # Second parameter; default alpha
     fold:bool=False, # Density of max(lam, 1-lam) instead, on [0.5, 1]
 ):
     "Density of lambda at `x`: Beta(`alpha`, `beta` or `alpha`), folded to [0.5, 1] by max(lam, 1-lam) if `fold`"
@@ -374,10 +375,10 @@ def lam_laws(
 
 # %% ../nbs/03_show.ipynb #d043808b
 def plot_lam(
-    *laws, # Alphas (numbers), mixing callbacks, or dicts of `alpha`, `beta`, `fold`, `label`
-    fold:bool=False, # For alphas: fold to max(lam, 1-lam), as `MixUp(fold=True)` does
+    *laws, # Alphas (numbers), mixing callbacks, or dicts of alpha, beta, fold, label
+    fold:bool=False, # For alphas: fold to max(lam, 1-lam), as MixUp(fold=True) does
     asymmetric:bool=False, # For alphas: Beta(alpha+1, alpha), SemiMix's law, instead of Beta(alpha, alpha)
-    samples:int=0, # Also draw a histogram of this many `draw_lam` samples per law
+    samples:int=0, # Also draw a histogram of this many draw_lam samples per law
     ax=None, # Axes to draw on; default a new figure
     figsize:tuple=(5,3), # Size of a new figure
 ):
@@ -410,7 +411,7 @@ def plot_lam(
 
 # %% ../nbs/03_show.ipynb #98d5c466
 def _cb_plot_lam(self:MixHandler,
-    **kwargs # `plot_lam`'s arguments: `samples`, `ax`, `figsize`
+    **kwargs # plot_lam's arguments: samples, ax, figsize
 ):
     "Plot the law this callback draws its lambdas from: see `plot_lam`"
     return plot_lam(self, **kwargs)
@@ -430,8 +431,8 @@ class LogMixes(Callback):
         every:int=100, # Log every this many training batches
         n:int=8, # Number of samples in each grid
         nrow:int=8, # Images per row of a grid
-        logger=None, # Anything with TensorBoard's `add_image(tag, img, step)`; default the Learner's TensorBoard or W&B callback
-        cb:MixHandler|None=None, # The mixing callback to follow; default the one in `learn.cbs`
+        logger=None, # Anything with TensorBoard's add_image(tag, img, step); default the Learner's TensorBoard or W&B callback
+        cb:MixHandler|None=None, # The mixing callback to follow; default the one in learn.cbs
     ):
         every,n,nrow = _count(every, 'every', 'a number of batches'),_count(n, 'n', 'the number of samples in a grid'),_count(nrow, 'nrow', 'the number of images per row')
         if cb is not None: _pick_cb(None, cb)  # a mixing callback, or an error naming `cb`
