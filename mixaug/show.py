@@ -46,9 +46,11 @@ def _pick_cb(learn, cb=None):
 def _count(v, name:str, what:str) -> int:
     "`v` as an int >= 1 (Python's, numpy's or a 0-d tensor's; not a bool), else an error naming `name`"
     msg = f"`{name}` is {what}, an int >= 1; got {v!r}"
-    if isinstance(v, bool) or isinstance(v, Tensor) and v.ndim or not hasattr(type(v), '__index__'): raise TypeError(f"{msg} ({type(v).__name__})")
-    if operator.index(v) < 1: raise ValueError(msg)
-    return operator.index(v)
+    try: i = None if isinstance(v, bool) or (isinstance(v, Tensor) and v.ndim) else operator.index(v)
+    except TypeError: i = None  # a float, a string, a float tensor...
+    if i is None: raise TypeError(f"{msg} ({type(v).__name__})")
+    if i < 1: raise ValueError(msg)
+    return i
 
 # %% ../nbs/03_show.ipynb #cf77b9c5
 _MISSING = object()
