@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_show.ipynb #232d29c8
 from __future__ import annotations
-import math, numbers, operator, random, re, warnings
+import math, operator, random, re, warnings
 from collections import namedtuple
 from contextlib import contextmanager
 import numpy as np, pandas as pd, torch
@@ -240,10 +240,10 @@ def _partner_x(mb):
 
 # %% ../nbs/03_show.ipynb #7da30a10
 def _target_col(mb, n, vocab, partner):
-    "The target each mixed row is trained on, decoded: class names with their shares, or the mixed value; None for other targets"
+    "The target each mixed row is trained on, decoded: class names with their shares, or the mixed values `(n, k)`; None for other targets"
     y0,mix = mb.yb0[0] if mb.yb0 else None,mb.mix
     k = _kind(y0)
-    if k=='value': return (mb.yb[0] if mix is not None and partner is None else y0)[:n].detach().cpu().float().flatten(1).squeeze(1).numpy()
+    if k=='value': return (mb.yb[0] if mix is not None and partner is None else y0)[:n].detach().cpu().float().flatten(1).numpy()
     if k!='class': return None
     y0 = y0.view(len(y0))
     def shares(i):
@@ -268,7 +268,8 @@ def _mix_table(learn, mb, n, vocab):
     if df is None: df = pd.DataFrame(torch.cat([o[:n].detach().cpu().float().flatten(1) for o in xb], 1).numpy()).add_prefix('x')
     _,name = _partner_x(mb)
     t = _target_col(mb, n, vocab, name)
-    if t is not None: df[ys[0]] = t
+    if isinstance(t, np.ndarray) and t.shape[1]==len(ys): df[ys] = t  # a value per target column
+    elif t is not None: df[ys[0]] = t if not isinstance(t, np.ndarray) else [_num(torch.as_tensor(o)) for o in t]
     df['mix'] = mix_titles(mb.mix, y0, mb.yb[0] if mb.yb else None, vocab, name)[:n]  # the whole batch: partners lie anywhere in it
     if mb.mix is not None: df['lam'],df['partner'] = mb.mix.lam[:n].cpu().numpy(),mb.mix.idx[:n].cpu().numpy()
     return df
@@ -280,7 +281,7 @@ def show_mix(
     cb:MixHandler|None=None, # The mixing callback to show; default the one in learn.cbs
     n:int=8, # Number of samples to show
     sources:bool=False, # Show each sample's two sources next to it (two more panels per sample)
-    ncols:int|None=None, # Columns of the grid (default: get_grid's, or a row per sample with sources or masks)
+    ncols:int|None=None, # Columns of the grid (default: get_grid's, or whole samples per row with sources or masks)
     vocab:list|None=None, # Class names (or a mask's codes); default the DataLoaders' vocab or codes, else the numbers
     boxes:bool=True, # Outline each CutMix box
     figsize:tuple|None=None, # Size of the figure; default 1.8 inches per panel
