@@ -135,9 +135,10 @@ def _labels(y, vocab):
     return ','.join(_name(c, vocab) for c in y.nonzero().flatten()) or 'none'
 
 def _num(y):
-    "A target value (one number, or a few) as short text"
+    "A target value as short text: one number, or the first four of several"
     y = y.detach().flatten().float()
-    return f"{float(y[0]):.4g}" if len(y)==1 else '(' + ', '.join(f"{float(o):.3g}" for o in y) + ')'
+    if len(y)==1: return f"{float(y[0]):.4g}"
+    return '(' + ', '.join(f"{float(o):.3g}" for o in y[:4]) + (', …' if len(y)>4 else '') + ')'
 
 def _kind(y):
     "How target `y` reads: 'class' (an int per sample), 'soft' (weights summing to 1), 'multi' (0/1 per class), 'value' (numbers), 'other'"
