@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_show.ipynb #232d29c8
 from __future__ import annotations
-import math, random, warnings
+import math, operator, random, re, warnings
 from collections import namedtuple
 from contextlib import contextmanager
 import numpy as np, pandas as pd, torch
@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 from fastai.callback.core import Callback
 from fastai.learner import Learner
-from fastai.torch_core import show_image, TensorBase
+from fastai.torch_core import show_image, TensorBase, TensorMultiCategory
 from fastai.vision.data import get_grid
 from .core import *
 from .callbacks import MixHandler, MixUp, CutMix, CutMixUp
@@ -42,6 +42,15 @@ def _pick_cb(learn, cb=None):
     if len(cbs)>1: raise ValueError(f"`learn` has {len(cbs)} mixing callbacks ({', '.join(type(o).__name__ for o in cbs)}): "
                                     "pass the one to show as `cb=`")
     return cbs[0]
+
+def _count(v, name:str, what:str) -> int:
+    "`v` as an int >= 1 (Python's, numpy's or a 0-d tensor's; not a bool), else an error naming `name`"
+    msg = f"`{name}` is {what}, an int >= 1; got {v!r}"
+    try: i = None if isinstance(v, bool) or (isinstance(v, Tensor) and v.ndim) else operator.index(v)
+    except TypeError: i = None  # a float, a string, a float tensor...
+    if i is None: raise TypeError(f"{msg} ({type(v).__name__})")
+    if i < 1: raise ValueError(msg)
+    return i
 
 # %% ../nbs/03_show.ipynb #cf77b9c5
 _MISSING = object()
@@ -83,10 +92,10 @@ MixedBatch.__doc__ = "A mixed batch `xb`, `yb` as the model sees it, the `Mix` d
 
 # %% ../nbs/03_show.ipynb #09705a04
 def mixed_batch(
-    learn:Learner, # A Learner holding a mixing callback (or pass `cb`)
-    b:tuple|None=None, # A batch `(*inputs, *targets)`; default a new batch of `learn.dls.train`
-    cb:MixHandler|None=None, # The mixing callback to run; default the one in `learn.cbs`
-    pct_train:float=0., # Point of training to mix at (a callback with `stop_at` stops mixing past it)
+    learn:Learner, # A Learner holding a mixing callback (or pass cb)
+    b:tuple|None=None, # A batch (*inputs, *targets); default a new batch of learn.dls.train
+    cb:MixHandler|None=None, # The mixing callback to run; default the one in learn.cbs
+    pct_train:float=0., # Point of training to mix at (a callback with stop_at stops mixing past it)
 ) -> MixedBatch:
     "Run only `cb.before_batch` on batch `b`, as training would, and return what it made; `learn` and `cb` are left as they were"
     cb,dl = _pick_cb(learn, cb),learn.dls.train
@@ -121,27 +130,53 @@ def _top2(y, vocab):
     w,i = y.float().topk(min(2, len(y)))
     return ' + '.join(f"{_name(c, vocab)} ×{float(o):.2f}" for o,c in zip(w,i) if o > 0.005) or 'none'
 
+def _labels(y, vocab):
+    "A multi-label target `y` (0 or 1 per class) as the names of its classes, 'A,C', or 'none'"
+    return ','.join(_name(c, vocab) for c in y.nonzero().flatten()) or 'none'
+
+def _num(y):
+    "A target value as short text: one number, or the first four of several"
+    y = y.detach().flatten().float()
+    if len(y)==1: return f"{float(y[0]):.4g}"
+    return '(' + ', '.join(f"{float(o):.3g}" for o in y[:4]) + (', …' if len(y)>4 else '') + ')'
+
+def _kind(y):
+    "How target `y` reads: 'class' (an int per sample), 'soft' (weights summing to 1), 'multi' (0/1 per class), 'value' (numbers), 'other'"
+    if not isinstance(y, Tensor): return 'other'
+    one = y.ndim==1 or (y.ndim==2 and y.shape[1]==1)  # fastai's tabular targets are (n, 1)
+    if not y.is_floating_point(): return 'class' if one else 'other'  # masks (n, h, w) are drawn, not titled
+    if one: return 'value'
+    if y.ndim!=2: return 'other'
+    rows = y.sum(1)
+    if bool(((y==0) | (y==1)).all()) and (isinstance(y, TensorMultiCategory) or bool((rows!=1).any())): return 'multi'
+    return 'soft' if bool((y>=0).all()) and bool(((rows-1).abs() < 1e-3).all()) else 'value'
+
 # %% ../nbs/03_show.ipynb #dda5bf3c
 def mix_titles(
-    mix:Mix|None, # The `Mix` drawn for the batch, or None if the batch was not mixed
+    mix:Mix|None, # The Mix drawn for the batch, or None if the batch was not mixed
     y0:Tensor|None, # The batch's first target before mixing
-    y:Tensor|None=None, # The first target after mixing (used for float targets)
+    y:Tensor|None=None, # The first target after mixing (used for soft targets and values); default computed from mix
     vocab:list|None=None, # Class names; default the integers
     partner:str|None=None, # Name for every partner, e.g. 'unlabelled' when partners have no label
 ) -> list[str]:
     "One title per sample: its sources and weights, '3 ×0.72 + 7 ×0.28', with '(box)' where a CutMix box was pasted"
     n = len(y0) if y0 is not None else len(mix.idx)
-    scalar = y0 is not None and y0.ndim==1 and not y0.is_floating_point()
-    soft = y0 is not None and y0.ndim==2 and y0.is_floating_point()
-    def lab(t, i): return _name(t[i], vocab) if scalar else f"#{i}"
-    if mix is None: return [(_top2(y0[i], vocab) if soft else lab(y0, i) if y0 is not None else f"#{i}") + ' (not mixed)' for i in range(n)]
+    k = _kind(y0)
+    if k=='class': y0 = y0.view(n)
+    def src(i):
+        if k=='class': return _name(y0[i], vocab)
+        if k=='soft': return _top2(y0[i], vocab)
+        if k=='multi': return _labels(y0[i], vocab)
+        if k=='value': return _num(y0[i])
+        return f"#{i}"
+    if mix is None: return [src(i) + ' (not mixed)' for i in range(n)]
+    if k in ('soft','value') and partner is None and y is None: y = mix(y0)
     res = []
     for i in range(n):
         j,lam = int(mix.idx[i]),float(mix.lam[i])
-        if soft and partner is None: t = _top2((y if y is not None else mix(y0))[i], vocab)
-        else:
-            own = _top2(y0[i], vocab) if soft else lab(y0, i) if y0 is not None else f"#{i}"
-            t = f"{own} ×{lam:.2f} + {partner or lab(y0, j)} ×{1-lam:.2f}"
+        if k=='soft' and partner is None: t = _top2(y[i], vocab)
+        else: t = f"{src(i)} ×{lam:.2f} + {partner or src(j)} ×{1-lam:.2f}"
+        if k=='value' and partner is None: t += f" = {_num(y[i])}"  # the value the model is trained on
         if mix.is_cut[i]: t += ' (box)'
         res.append(t)
     return res
@@ -174,6 +209,29 @@ def _draw_box(ax, mix, i, shape, color='yellow'):
     y0,x0,y1,x1 = float(lo[i,0])*h,float(lo[i,1])*w,float(hi[i,0])*h,float(hi[i,1])*w
     ax.add_patch(Rectangle((x0-.5, y0-.5), x1-x0, y1-y0, fill=False, ec=color, lw=1))
 
+def _codes(learn, y, vocab=None):
+    "Names of a mask's codes: `vocab` if given, the mask's `codes`, `learn.dls.codes`, or those of fastai's `MaskBlock`"
+    for o in (vocab, getattr(y, 'codes', None), getattr(learn.dls, 'codes', None),
+              getattr(getattr(learn.dls.train, 'after_item', None), 'codes', None)):
+        if o is not None: return list(o)
+    return None
+
+def _show_mask(m, ax, codes, fontsize):
+    "Show mask `m` `(h, w)` on `ax`, a colour per code, titled with the names of the classes it holds, largest first"
+    m = m.detach().cpu().long()
+    c,k = m.unique(return_counts=True)
+    ax.imshow(m.numpy(), cmap='tab20', vmin=0, vmax=max(len(codes or ()), int(c.max()), 1), interpolation='nearest')
+    ax.axis('off')
+    ax.set_title('mask: ' + ','.join(_name(o, codes) for o in c[k.argsort(descending=True, stable=True)]), fontsize=fontsize)
+
+def _wrap(t, width):
+    "Title `t` broken before its ' + ' and ' = ' into lines of about `width` characters"
+    parts,lines = re.split(r' (?=[+=] )', t),[]
+    for p in parts:
+        if lines and len(lines[-1])+1+len(p) <= width: lines[-1] += ' '+p
+        else: lines.append(p)
+    return '\n'.join(lines)
+
 # %% ../nbs/03_show.ipynb #b97d682f
 def _partner_x(mb):
     "The input a `Mix`'s `idx` indexes, and a name for partners: SemiMix's `partner_xb` (unlabelled), else the batch's"
@@ -182,51 +240,77 @@ def _partner_x(mb):
     return (p[0] if isinstance(p, (tuple,list)) else p),('unlabelled' if getattr(mb.cb, 'unlabeled', None) is not None else 'partner')
 
 # %% ../nbs/03_show.ipynb #7da30a10
+def _target_col(mb, n, vocab, partner):
+    "The target each mixed row is trained on, decoded: class names with their shares, or the mixed values `(n, k)`; None for other targets"
+    y0,mix = mb.yb0[0] if mb.yb0 else None,mb.mix
+    k = _kind(y0)
+    if k=='value': return (mb.yb[0] if mix is not None and partner is None else y0)[:n].detach().cpu().float().flatten(1).numpy()
+    if k!='class': return None
+    y0 = y0.view(len(y0))
+    def shares(i):
+        if mix is None or partner is not None: return _name(y0[i], vocab)
+        w = {}
+        for c,l in [(int(y0[i]), float(mix.lam[i])), (int(y0[mix.idx[i]]), 1-float(mix.lam[i]))]: w[c] = w.get(c, 0.) + l
+        w = sorted(w.items(), key=lambda o: -o[1])
+        return _name(w[0][0], vocab) if len(w)==1 else ' + '.join(f"{_name(c, vocab)} ×{l:.2f}" for c,l in w)
+    return [shares(i) for i in range(n)]
+
 def _mix_table(learn, mb, n, vocab):
-    "The mixed rows of a non-image batch as a DataFrame (decoded where the `DataLoader` can), with titles, `lam` and partners"
+    "The mixed rows of a non-image batch as a DataFrame (decoded where the `DataLoader` can), with target, titles, `lam` and partners"
     xb,yb0 = mb.xb,mb.yb0
     y0 = yb0[0] if yb0 else None
-    df = None
+    df,ys = None,['target']
     try:  # fastai's tabular loaders decode codes and normalised columns back to the user's values
         to = learn.dls.train.decode((*[o[:n] for o in xb], *[o[:n] for o in yb0]))
         to.decode()
-        df = to.items.drop(columns=list(getattr(to, 'y_names', [])), errors='ignore').reset_index(drop=True)
+        ys = list(getattr(to, 'y_names', [])) or ys
+        df = to.items.drop(columns=ys, errors='ignore').reset_index(drop=True)
     except Exception: df = None
     if df is None: df = pd.DataFrame(torch.cat([o[:n].detach().cpu().float().flatten(1) for o in xb], 1).numpy()).add_prefix('x')
     _,name = _partner_x(mb)
-    df['mix'] = mix_titles(mb.mix, y0[:n] if y0 is not None else None, mb.yb[0][:n] if mb.yb else None, vocab, name)
+    t = _target_col(mb, n, vocab, name)
+    if isinstance(t, np.ndarray) and t.shape[1]==len(ys): df[ys] = t  # a value per target column
+    elif t is not None: df[ys[0]] = t if not isinstance(t, np.ndarray) else [_num(torch.as_tensor(o)) for o in t]
+    df['mix'] = mix_titles(mb.mix, y0, mb.yb[0] if mb.yb else None, vocab, name)[:n]  # the whole batch: partners lie anywhere in it
     if mb.mix is not None: df['lam'],df['partner'] = mb.mix.lam[:n].cpu().numpy(),mb.mix.idx[:n].cpu().numpy()
     return df
 
 # %% ../nbs/03_show.ipynb #4a9d9faa
 def show_mix(
-    learn:Learner, # A Learner holding a mixing callback (or pass `cb`)
-    b:tuple|None=None, # A batch to mix; default a new batch of `learn.dls.train`
-    cb:MixHandler|None=None, # The mixing callback to show; default the one in `learn.cbs`
+    learn:Learner, # A Learner holding a mixing callback (or pass cb)
+    b:tuple|None=None, # A batch to mix; default a new batch of learn.dls.train
+    cb:MixHandler|None=None, # The mixing callback to show; default the one in learn.cbs
     n:int=8, # Number of samples to show
-    sources:bool=False, # Show each sample's two sources next to it (3 panels per sample)
-    ncols:int|None=None, # Columns of the grid (default: `get_grid`'s, or 3 with `sources`)
-    vocab:list|None=None, # Class names for the titles; default `learn.dls.vocab`, else the class numbers
+    sources:bool=False, # Show each sample's two sources next to it (two more panels per sample)
+    ncols:int|None=None, # Columns of the grid (default: get_grid's, or whole samples per row with sources or masks)
+    vocab:list|None=None, # Class names (or a mask's codes); default the DataLoaders' vocab or codes, else the numbers
     boxes:bool=True, # Outline each CutMix box
     figsize:tuple|None=None, # Size of the figure; default 1.8 inches per panel
     axs:list|None=None, # Axes to draw into instead of a new figure (at least as many as panels)
     fontsize:int=8, # Font size of the titles
-    **kwargs # Passed to `mixed_batch`: `pct_train`
+    **kwargs # Passed to mixed_batch: pct_train
 ):
-    "Show `n` mixed training samples as the model sees them, titled with sources and weights; a DataFrame for non-image inputs"
-    if not isinstance(n, int) or n < 1: raise ValueError(f"`n` is the number of samples to show, an int >= 1; got {n!r}")
+    "Show `n` mixed training samples as the model sees them, titled with sources and weights (and masks); a DataFrame for non-image inputs"
+    n = _count(n, 'n', 'the number of samples to show')
     mb = mixed_batch(learn, b, cb, **kwargs)
-    vocab,x,x0 = _vocab(learn, vocab),mb.xb[0],mb.xb0[0]
+    x,x0,y0 = mb.xb[0],mb.xb0[0],(mb.yb0[0] if mb.yb0 else None)
     n = min(n, len(x))
-    if not (x.ndim==4 and x.shape[1] in (1,3)): return _mix_table(learn, mb, n, vocab)
+    if not (x.ndim==4 and x.shape[1] in (1,3)): return _mix_table(learn, mb, n, _vocab(learn, vocab))
     px,name = _partner_x(mb)
-    ts = mix_titles(mb.mix, mb.yb0[0] if mb.yb0 else None, mb.yb[0] if mb.yb else None, vocab, name)
+    seg = isinstance(y0, Tensor) and not y0.is_floating_point() and y0.ndim==3  # a mask per sample, (n, h, w)
+    if seg:  # the mask as mixed: pasted with the box, else the dominant source's (SemiMix keeps the labelled one's)
+        codes = _codes(learn, y0, vocab)
+        masks = mb.yb[0] if mb.mix is None or mb.partner_xb is not None else mb.mix(y0)
+    vocab = _vocab(learn, vocab)
+    ts = mix_titles(mb.mix, y0, mb.yb[0] if mb.yb else None, vocab, name)
+    long = _kind(y0) in ('value','multi')  # titles that may not fit a panel: broken into lines
     ims,own = _as_images(learn, x[:n], x0),_as_images(learn, x0[:n], x0)
     other = _as_images(learn, px[mb.mix.idx[:n]], x0) if mb.mix is not None else own
     ims,own,other = _scale(ims, own, other)
-    per = 3 if sources and mb.mix is not None else 1
+    src = 2 if sources and mb.mix is not None else 0
+    per = 1 + seg + src
     if axs is None:
-        nc = ncols or (3 if per==3 else None)
+        nc = ncols or (per if per>2 else 2*per if per==2 else None)
         nr = math.ceil(n*per/nc) if nc else None
         if figsize is None:
             c = nc or math.ceil(n*per/int(math.sqrt(n*per)))
@@ -234,20 +318,23 @@ def show_mix(
         axs = get_grid(n*per, nrows=nr, ncols=nc, figsize=figsize)
     axs = list(np.asarray(axs, dtype=object).flat)
     if len(axs) < n*per: raise ValueError(f"`axs` has {len(axs)} axes but {n*per} panels are to be drawn")
+    def fit(t, a): return _wrap(t, max(12, int(a.get_position().width*a.figure.get_figwidth()*72/(.6*fontsize)))) if long else t
     for i in range(n):
         a = axs[i*per]
-        _show_img(ims[i], a, ts[i], fontsize)
+        _show_img(ims[i], a, fit(ts[i], a), fontsize)
         if boxes and mb.mix is not None and mb.mix.is_cut[i]: _draw_box(a, mb.mix, i, ims.shape[-2:])
-        if per==3:
-            j = int(mb.mix.idx[i])
-            _show_img(own[i], axs[i*per+1], f"own: {ts[i].split(' ×')[0]}", fontsize)
-            _show_img(other[i], axs[i*per+2], f"{name or 'partner'} #{j}", fontsize)
+        if seg: _show_mask(masks[i], axs[i*per+1], codes, fontsize)
+        if seg and boxes and mb.mix is not None and mb.mix.is_cut[i]: _draw_box(axs[i*per+1], mb.mix, i, masks.shape[-2:], 'black')
+        if src:
+            j,k = int(mb.mix.idx[i]),i*per+1+seg
+            _show_img(own[i], axs[k], fit(f"own: {ts[i].split(' ×')[0]}", axs[k]), fontsize)
+            _show_img(other[i], axs[k+1], f"{name or 'partner'} #{j}", fontsize)
     axs[0].figure.tight_layout()
     return axs[:n*per]
 
 # %% ../nbs/03_show.ipynb #9155bdda
 def _learner_show_mix(self:Learner,
-    **kwargs # `show_mix`'s arguments: `b`, `cb`, `n`, `sources`, ...
+    **kwargs # show_mix's arguments: b, cb, n, sources, ...
 ):
     "Show a mixed training batch of this Learner: see `show_mix`"
     return show_mix(self, **kwargs)
@@ -266,7 +353,7 @@ def beta_pdf(
 def lam_pdf(
     x, # Points in (0, 1), an array or a float
     alpha:float, # First parameter of the Beta law
-    beta:float|None=None, # Second parameter; default `alpha`
+    beta:float|None=None, # Second parameter; default alpha
     fold:bool=False, # Density of max(lam, 1-lam) instead, on [0.5, 1]
 ):
     "Density of lambda at `x`: Beta(`alpha`, `beta` or `alpha`), folded to [0.5, 1] by max(lam, 1-lam) if `fold`"
@@ -292,10 +379,10 @@ def lam_laws(
 
 # %% ../nbs/03_show.ipynb #d043808b
 def plot_lam(
-    *laws, # Alphas (numbers), mixing callbacks, or dicts of `alpha`, `beta`, `fold`, `label`
-    fold:bool=False, # For alphas: fold to max(lam, 1-lam), as `MixUp(fold=True)` does
+    *laws, # Alphas (numbers), mixing callbacks, or dicts of alpha, beta, fold, label
+    fold:bool=False, # For alphas: fold to max(lam, 1-lam), as MixUp(fold=True) does
     asymmetric:bool=False, # For alphas: Beta(alpha+1, alpha), SemiMix's law, instead of Beta(alpha, alpha)
-    samples:int=0, # Also draw a histogram of this many `draw_lam` samples per law
+    samples:int=0, # Also draw a histogram of this many draw_lam samples per law
     ax=None, # Axes to draw on; default a new figure
     figsize:tuple=(5,3), # Size of a new figure
 ):
@@ -328,7 +415,7 @@ def plot_lam(
 
 # %% ../nbs/03_show.ipynb #98d5c466
 def _cb_plot_lam(self:MixHandler,
-    **kwargs # `plot_lam`'s arguments: `samples`, `ax`, `figsize`
+    **kwargs # plot_lam's arguments: samples, ax, figsize
 ):
     "Plot the law this callback draws its lambdas from: see `plot_lam`"
     return plot_lam(self, **kwargs)
@@ -348,10 +435,11 @@ class LogMixes(Callback):
         every:int=100, # Log every this many training batches
         n:int=8, # Number of samples in each grid
         nrow:int=8, # Images per row of a grid
-        logger=None, # Anything with TensorBoard's `add_image(tag, img, step)`; default the Learner's TensorBoard or W&B callback
-        cb:MixHandler|None=None, # The mixing callback to follow; default the one in `learn.cbs`
+        logger=None, # Anything with TensorBoard's add_image(tag, img, step); default the Learner's TensorBoard or W&B callback
+        cb:MixHandler|None=None, # The mixing callback to follow; default the one in learn.cbs
     ):
-        if not isinstance(every, int) or every < 1: raise ValueError(f"`every` is a number of batches, an int >= 1; got {every!r}")
+        every,n,nrow = _count(every, 'every', 'a number of batches'),_count(n, 'n', 'the number of samples in a grid'),_count(nrow, 'nrow', 'the number of images per row')
+        if cb is not None: _pick_cb(None, cb)  # a mixing callback, or an error naming `cb`
         self.every,self.n,self.nrow,self.logger,self.mix_cb = every,n,nrow,logger,cb
         self.warned,self.n_logged = False,0
 
