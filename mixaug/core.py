@@ -115,8 +115,8 @@ def blend(t:Tensor, other:Tensor, w:Tensor) -> Tensor:
     if w.dtype==torch.bool: return torch.where(w, t, other)
     if not t.is_floating_point(): return torch.where(w>=0.5, t, other)
     w = w.to(t.dtype)
-    # A convex sum: no term is larger than its input, where lerp's `other + w*(t-other)` overflows with `t-other`
-    return torch.addcmul(other*(1-w), t, w)
+    # A convex sum, `(other - w*other) + w*t`: no term is larger than its input, where lerp's `t-other` can overflow
+    return torch.addcmul(torch.addcmul(other, other, w, value=-1), t, w)
 
 # %% ../nbs/00_core.ipynb #77070282
 def draw_boxes(lam:Tensor, n_dims:int, generator=None) -> tuple[Tensor,Tensor]:
