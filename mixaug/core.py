@@ -161,7 +161,7 @@ class Mix:
         box:tuple|None=None, # CutMix boxes (lo, hi) in relative coordinates, or None for MixUp
         cut:Tensor|None=None, # Bool per sample: cut by its box, else interpolated by lam. None: all cut
         spatial:tuple=(), # Spatial shape of the first input (where lam of a cut sample was measured)
-        per_position:tuple|None=None, # One bool per target: whether it is per position (a mask). None: from its type or shape
+        per_position:tuple|None=None, # One bool per target, whether it is per position (a mask), or None: from its type or shape
     ):
         self.idx,self.lam,self.box,self.cut,self.spatial,self.per_position = idx,lam,box,cut,tuple(spatial),per_position
         self._maps = {}
@@ -246,7 +246,7 @@ def _positions(self:Mix, ys:tuple) -> tuple:
     for i,(y,p) in enumerate(zip(ys,pp)):
         if p and self.box is not None and y.ndim<=nsp: raise ValueError(
             f"`per_position` says target {i} is per position, but its shape {tuple(y.shape)} has no {nsp} spatial dim(s) after the samples")
-    return tuple(bool(p) and self.box is not None for p in pp)
+    return tuple(self.is_spatial(y) if p is None else bool(p) and self.box is not None for y,p in zip(ys,pp))
 
 @patch
 def targets(self:Mix, ys:tuple) -> tuple[tuple,bool]:
