@@ -112,10 +112,11 @@ def draw_partners(n:int, device=None, generator=None) -> Tensor:
 # %% ../nbs/00_core.ipynb #ec2975ee
 def blend(t:Tensor, other:Tensor, w:Tensor) -> Tensor:
     "A new tensor: `w*t + (1-w)*other` for floats, or `t` where `w` is True; for integers, `t` where `w >= 0.5` else `other`"
-    if not t.is_floating_point(): return torch.where(w if w.dtype==torch.bool else w>=0.5, t, other)
-    if other.data_ptr()==t.data_ptr(): other = other.clone()  # never write into the caller's tensor
-    if w.dtype==torch.bool: return torch.where(w, t, other, out=other)  # a paste, for callers holding a bool map
-    return other.lerp_(t, w.to(t.dtype))
+    if w.dtype==torch.bool: return torch.where(w, t, other)
+    if not t.is_floating_point(): return torch.where(w>=0.5, t, other)
+    w = w.to(t.dtype)
+    # A convex sum, `(other - w*other) + w*t`: no term is larger than its input, where lerp's `t-other` can overflow
+    return torch.addcmul(torch.addcmul(other, other, w, value=-1), t, w)
 
 # %% ../nbs/00_core.ipynb #77070282
 def draw_boxes(lam:Tensor, n_dims:int, generator=None) -> tuple[Tensor,Tensor]:
@@ -155,16 +156,39 @@ def _spread(w:Tensor, ndim:int) -> Tensor:
 class Mix:
     "One draw for a batch: sample `i` keeps weight `lam[i]` of itself and takes the rest from sample `idx[i]`"
     def __init__(self,
-        idx:Tensor, # Partner of each sample: a permutation of `range(n)`
+        idx:Tensor, # Partner of each sample: a permutation of range(n)
         lam:Tensor, # Weight each sample keeps of itself, over its whole area
-        box:tuple|None=None, # CutMix boxes `(lo, hi)` in relative coordinates, or None for MixUp
-        cut:Tensor|None=None, # Bool per sample: cut by its box, else interpolated by `lam`. None: all cut
-        spatial:tuple=(), # Spatial shape of the first input (where `lam` of a cut sample was measured)
-    ): self.idx,self.lam,self.box,self.cut,self.spatial,self._maps = idx,lam,box,cut,tuple(spatial),{}
+        box:tuple|None=None, # CutMix boxes (lo, hi) in relative coordinates, or None for MixUp
+        cut:Tensor|None=None, # Bool per sample: cut by its box, else interpolated by lam. None: all cut
+        spatial:tuple=(), # Spatial shape of the first input (where lam of a cut sample was measured)
+        per_position:tuple|None=None, # One bool per target, whether it is per position (a mask), or None: from its type or shape
+    ):
+        self.idx,self.lam,self.box,self.cut,self.spatial,self.per_position = idx,lam,box,cut,tuple(spatial),per_position
+        self._maps = {}
 
     def __repr__(self): return f"{type(self).__name__}(n={len(self.idx)}, {'box' if self.box is not None else 'mixup'})"
 
 # %% ../nbs/00_core.ipynb #53e56c9b
+@patch
+def keep_map(self:Mix, shape) -> Tensor:
+    "Weight each position of spatial `shape` keeps of its own sample, `(n, *shape)`: 0 or 1 in a cut sample, else `lam`"
+    shape = tuple(shape)
+    if shape not in self._maps:
+        m = box_keep_map(*self.box, shape)
+        if self.cut is not None: m = torch.where(_spread(self.cut, m.ndim), m, _spread(self.lam, m.ndim))
+        self._maps[shape] = m
+    return self._maps[shape]
+
+# %% ../nbs/00_core.ipynb #7d3a9c1e
+import sys
+
+def _fastai_per_position(t) -> bool|None:
+    "True for fastai's per-position tensor types (images, masks), False for its per-sample ones (categories), else None"
+    tc = sys.modules.get('fastai.torch_core')  # a fastai tensor exists only once fastai defined its types: no import
+    if tc is None or type(t) is Tensor: return None
+    if isinstance(t, (tc.TensorCategory, tc.TensorMultiCategory)): return False
+    return True if isinstance(t, tc.TensorImageBase) else None
+
 @patch(as_prop=True)
 def exact(self:Mix) -> bool:
     "Whether every sample was cut by a box, so every position shows one source only"
@@ -178,27 +202,26 @@ def is_cut(self:Mix) -> Tensor:
 
 @patch
 def is_spatial(self:Mix, t:Tensor) -> bool:
-    "Whether `t` has the box's spatial dims: `(n, c, *spatial)`, or `(n, *spatial)` at the first input's size (a mask)"
+    "Whether a box is pasted into `t`: per fastai's type if it has one (images, masks), else per its shape"
     nsp = len(self.spatial)
-    return self.box is not None and (t.ndim==nsp+2 or (t.ndim==nsp+1 and tuple(t.shape[1:])==self.spatial))
+    if self.box is None or t.ndim<=nsp: return False
+    kind = _fastai_per_position(t)
+    if kind is not None: return kind
+    if t.ndim==nsp+2: return True  # (n, c, *spatial), at any resolution
+    # (n, *spatial) at the first input's size is a mask; but on 1-D inputs a float (n, L) is a row of label weights
+    return tuple(t.shape[1:])==self.spatial and not (nsp==1 and t.is_floating_point())
 
 @patch
-def keep_map(self:Mix, shape) -> Tensor:
-    "Weight each position of spatial `shape` keeps of its own sample, `(n, *shape)`: 0 or 1 in a cut sample, else `lam`"
-    shape = tuple(shape)
-    if shape not in self._maps:
-        m = box_keep_map(*self.box, shape)
-        if self.cut is not None: m = torch.where(_spread(self.cut, m.ndim), m, _spread(self.lam, m.ndim))
-        self._maps[shape] = m
-    return self._maps[shape]
-
-@patch
-def weight(self:Mix, t:Tensor) -> Tensor:
-    "Weight of `t`'s own sample, broadcastable to `t`: the keep map over `t`'s spatial dims if it has them, else `lam`"
-    if not self.is_spatial(t): return _spread(self.lam, t.ndim)
+def weight(self:Mix,
+    t:Tensor, # A tensor of the batch, samples first
+    per_position:bool|None=None, # Whether t is per position; None: from its type or shape
+) -> Tensor:
+    "Weight of `t`'s own sample, broadcastable to `t`: the keep map over its last spatial dims if per position, else `lam`"
+    if per_position is None: per_position = self.is_spatial(t)
+    if not per_position or self.box is None: return _spread(self.lam, t.ndim)
     nsp = len(self.spatial)
     m = self.keep_map(t.shape[-nsp:])
-    return m.unsqueeze(1) if t.ndim==nsp+2 else m
+    return m.view(len(m), *[1]*(t.ndim-nsp-1), *m.shape[1:])
 
 @patch
 def __call__(self:Mix, t):
@@ -207,35 +230,58 @@ def __call__(self:Mix, t):
 
 # %% ../nbs/00_core.ipynb #26d4ca97
 @patch
-def targets(self:Mix, ys:tuple) -> tuple[tuple,bool]:
-    "Mixed targets, and whether the loss must be mixed: floats are mixed; integers only when cut exactly, per position"
-    is_int = [isinstance(y, Tensor) and not y.is_floating_point() for y in ys]
-    exact = self.exact and all(self.is_spatial(y) for y,i in zip(ys,is_int) if i)
-    return tuple(self(y) if exact or not i else y for y,i in zip(ys,is_int)), any(is_int) and not exact
+def _positions(self:Mix, ys:tuple) -> tuple:
+    "One bool per target in `ys`, whether it is per position; raises on a target that is not a tensor of `n` rows"
+    n = len(self.idx)
+    for i,y in enumerate(ys):
+        if not isinstance(y, Tensor): raise TypeError(
+            f"Mixing needs every target to be a tensor with one row per sample; target {i} is a {type(y).__name__}: {str(y)[:60]}")
+        if y.ndim==0 or len(y)!=n: raise ValueError(
+            f"Target {i} has shape {tuple(y.shape)}, but the batch has {n} samples: every target needs one row per sample")
+    pp = self.per_position
+    if pp is None: return tuple(self.is_spatial(y) for y in ys)
+    if not isinstance(pp, (tuple,list)) or len(pp)!=len(ys): raise ValueError(
+        f"`per_position` must hold one bool per target, {len(ys)} here; got {pp!r}")
+    nsp = len(self.spatial)
+    for i,(y,p) in enumerate(zip(ys,pp)):
+        if p and self.box is not None and y.ndim<=nsp: raise ValueError(
+            f"`per_position` says target {i} is per position, but its shape {tuple(y.shape)} has no {nsp} spatial dim(s) after the samples")
+    return tuple(self.is_spatial(y) if p is None else bool(p) and self.box is not None for y,p in zip(ys,pp))
 
 @patch
-def loss_sources(self:Mix, y:Tensor) -> tuple[Tensor,Tensor,Tensor]:
-    "Targets `a`, `b` and a weight per sample `w` such that each element's mixed loss is `w*loss(a) + (1-w)*loss(b)`"
+def targets(self:Mix, ys:tuple) -> tuple[tuple,bool]:
+    "The targets the loss sees and whether it must be `Mix.loss`: all mixed if every one can be, else all as given"
+    ys = tuple(ys)
+    pp = self._positions(ys)
+    # An integer target can't be interpolated: it is mixed only where each position shows one source (every sample cut)
+    if any(not y.is_floating_point() and not (p and self.exact) for y,p in zip(ys,pp)): return ys,True
+    return tuple(blend(y, y[self.idx], self.weight(y, p)) for y,p in zip(ys,pp)),False
+
+@patch
+def loss_sources(self:Mix,
+    y:Tensor, # A target of the batch, as given
+    per_position:bool|None=None, # Whether y is per position; None: from its type or shape
+) -> tuple[Tensor,Tensor]:
+    "Targets `a` and `b` of `y` such that each sample's mixed loss is `lam*loss(a) + (1-lam)*loss(b)`"
     other = y[self.idx]
-    if not self.is_spatial(y): return y,other,self.lam
-    # A cut sample shows one source per position, so both targets are its cut target; the others interpolate
-    m = self.weight(y)
-    cut = self.is_cut
-    cut_map = _spread(cut, m.ndim)
-    a,b = blend(y, other, torch.where(cut_map, m, 1.)),blend(y, other, torch.where(cut_map, m, 0.))
-    return a,b,torch.where(cut, 1., self.lam)
+    if per_position is None: per_position = self.is_spatial(y)
+    if not per_position or self.box is None: return y,other
+    pasted = blend(y, other, self.weight(y, True))  # a cut sample shows one source per position: the same target twice
+    if self.cut is None: return pasted,pasted
+    c = _spread(self.cut, y.ndim)
+    return torch.where(c, pasted, y),torch.where(c, pasted, other)
 
 @patch
 def loss(self:Mix, loss_func, pred, *ys) -> Tensor:
-    "The mixed objective: each element's loss on its sources' targets, weighted by what it shows of each, then reduced"
-    srcs = [self.loss_sources(y) for y in ys]
-    with NoneReduce(loss_func) as lf:
-        la,lb = lf(pred, *(s[0] for s in srcs)),lf(pred, *(s[1] for s in srcs))
-    n,w = len(self.idx),srcs[0][2]
+    "The mixed objective from the targets as given: `loss_func` on each source's targets, weighted by `lam` per sample"
+    a,b = zip(*[self.loss_sources(y, p) for y,p in zip(ys, self._positions(ys))]) if ys else ((),())
+    if all(o is p for o,p in zip(a,b)): return loss_func(pred, *a)  # one source at every position: the plain loss
+    with NoneReduce(loss_func) as lf: la,lb = lf(pred, *a),lf(pred, *b)
+    n = len(self.idx)
     if la.ndim==0 or la.numel()%n: raise ValueError(
         f"Can't weight the unreduced loss of shape {tuple(la.shape)} by sample: its size must be a multiple of the batch size {n}")
     # Losses keep samples outermost (fastai's flattened losses too), so each sample's elements share its weight
-    mixed = torch.lerp(lb.reshape(n,-1), la.reshape(n,-1), w.to(la.dtype)[:,None]).reshape(la.shape)
+    mixed = torch.lerp(lb.reshape(n,-1), la.reshape(n,-1), self.lam.to(la.dtype)[:,None]).reshape(la.shape)
     return reduce_loss(mixed, loss_reduction(loss_func))
 
 # %% ../nbs/00_core.ipynb #8edcb6d0
