@@ -101,12 +101,13 @@ def _check_partner(xu:tuple, xb:tuple):
 
 def _peek(dl):
     "`dl.one_batch()`, putting back the random states drawing it touches: the loader's, Python's, numpy's and torch's"
-    rng,st,pst,nst = dl.rng,dl.rng.getstate(),random.getstate(),np.random.get_state()
+    rng,pst,nst = getattr(dl, 'rng', None),random.getstate(),np.random.get_state()
+    st = rng.getstate() if isinstance(rng, random.Random) else None
     devs = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
         with torch.random.fork_rng(devices=devs): return dl.one_batch()
     finally:
-        dl.rng = rng; rng.setstate(st)
+        if st is not None: dl.rng = rng; rng.setstate(st)
         random.setstate(pst); np.random.set_state(nst)
 
 # %% ../nbs/02_semimix.ipynb #a8b0c7eb
@@ -145,6 +146,8 @@ class SemiMix(MixHandler):
     def _labelled_inputs(self) -> tuple|None:
         "The inputs of a training batch, drawn leaving every random state as it was; None if none can be drawn"
         dl = self.dls.train
+        # A wrapping loader (fastai's `DistributedDL`) is looked through: its batches would need a collective
+        while isinstance(getattr(dl, 'dl', None), DataLoader): dl = dl.dl
         if not isinstance(dl, DataLoader) or dl.n is None or len(dl)==0: return None
         b = _peek(dl)
         b = tuple(b) if isinstance(b, (tuple,list)) else (b,)
