@@ -5,12 +5,14 @@
 # %% ../nbs/02_semimix.ipynb #277fb710
 from __future__ import annotations
 import random
+import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import IterableDataset
 from fastai.data.load import DataLoader
 from fastai.data.core import Datasets, TfmdLists, test_set
+from fastai.tabular.core import Tabular, TabDataLoader
 from .core import *
-from .core import _spread
 from .callbacks import MixHandler, rank_world
 
 # %% auto #0
@@ -33,45 +35,91 @@ def _train_split(ds):
         if hasattr(tl, 'tfms'): tl.tfms.split_idx = 0
     return ds
 
+_EXPECTED = ("a fastai DataLoader of inputs (like `dls.test_dl(items)` makes) or the items themselves, a collection "
+             "with a length that can be indexed (a list, tensor, array or DataFrame)")
+
+def _length(o) -> int|None:
+    "The number of samples of `o`, a fastai `DataLoader` or items, or None if it has none: a stream, or not indexable"
+    if isinstance(o, DataLoader): return o.n if o.indexed else None
+    if isinstance(o, IterableDataset) or not hasattr(o, '__getitem__'): return None
+    try: return len(o)
+    except TypeError: return None  # a 0-d tensor, or no `__len__`
+
+def _check_source(unlabeled):
+    "Raise, naming `unlabeled`, if it can't be SemiMix's source (as far as its type and length tell)"
+    if unlabeled is None: return
+    what = type(unlabeled).__name__
+    if isinstance(unlabeled, torch.utils.data.DataLoader): raise TypeError(
+        f"SemiMix's `unlabeled` must be {_EXPECTED}; got a torch DataLoader: pass its dataset's items instead")
+    n = _length(unlabeled)
+    if isinstance(unlabeled, DataLoader): what = f"a fastai DataLoader over {type(unlabeled.dataset).__name__}"
+    # A stream would be taken into a list whole (fastai's index stream of a loader of no length is endless)
+    if n is None: raise TypeError(
+        f"SemiMix's `unlabeled` must be {_EXPECTED}; got {what}, which has no length or can't be indexed, so its "
+        "samples can't be shuffled nor shared between processes: pass a list of its items")
+    if n==0: raise ValueError(f"SemiMix's `unlabeled` is empty ({what} of 0 samples): give it unlabelled inputs, "
+                              "or None to take the partners from the batch")
+
+def _tabular_dl(dls, rows) -> DataLoader:
+    "`dls.test_dl(rows)`: `rows` through the training procs, without the target column"
+    ds = dls.train_ds
+    if not hasattr(rows, 'columns'): raise TypeError(
+        f"SemiMix's `unlabeled` items for a tabular learner must be a pandas DataFrame of rows with the training "
+        f"columns, got {type(rows).__name__}")
+    try: return dls.test_dl(rows.drop(columns=[c for c in ds.y_names if c in rows.columns]))  # a copy
+    except KeyError as e: raise ValueError(
+        f"SemiMix's `unlabeled` DataFrame lacks columns of the training data {ds.cat_names+ds.cont_names}: {e}") from e
+
 def unlabeled_dl(
-    dls, # The learner's `DataLoaders`, whose training pipeline turns items into inputs
-    unlabeled, # A fastai `DataLoader` of inputs only, or items
+    dls, # The learner's DataLoaders, whose training pipeline turns items into inputs
+    unlabeled, # A fastai DataLoader of inputs only, or items: a list, tensor, array or DataFrame
     rank:int=0, # This process's rank in distributed training
     world:int=1, # The number of processes
     seed:int|None=None, # Seed of the shuffle, for the same order run to run
 ) -> DataLoader:
     "A shuffled loader of inputs only, made from fastai `DataLoader` `unlabeled`, or from items through `dls`'s training pipeline"
-    if isinstance(unlabeled, torch.utils.data.DataLoader): raise TypeError(
-        "SemiMix's `unlabeled` must be a fastai DataLoader of inputs (like `dls.test_dl(items)` makes) or the items "
-        "themselves, got a torch DataLoader: pass its dataset's items instead")
-    shuffle = _ShardShuffle(rank, world, seed)
-    if isinstance(unlabeled, DataLoader):
-        if unlabeled.n is None: raise ValueError("SemiMix's `unlabeled` loader must have a length, to be shuffled and shared")
-        return unlabeled.new(shuffle=True, drop_last=False, shuffle_fn=shuffle)
+    _check_source(unlabeled)
+    kw = dict(shuffle=True, drop_last=False, shuffle_fn=_ShardShuffle(rank, world, seed))
+    if isinstance(unlabeled, DataLoader): return unlabeled.new(**kw)
     ds = dls.train_ds
-    ds = _train_split(test_set(ds, unlabeled)) if isinstance(ds, (Datasets, TfmdLists)) else unlabeled
-    return dls.train.new(ds, shuffle=True, drop_last=False, shuffle_fn=shuffle)
+    if isinstance(ds, (Datasets, TfmdLists)): return dls.train.new(_train_split(test_set(ds, unlabeled)), **kw)
+    # fastai's tabular training loader draws with replacement and ignores `shuffle_fn`: a plain one shuffles
+    if isinstance(ds, Tabular): return _tabular_dl(dls, unlabeled).new(cls=TabDataLoader, **kw)
+    return dls.train.new(unlabeled, **kw)
 
 # %% ../nbs/02_semimix.ipynb #a0e9c968
 def _check_partner(xu:tuple, xb:tuple):
     "Raise if unlabelled inputs `xu` can't be blended with labelled inputs `xb`"
     if len(xu)!=len(xb): raise ValueError(
-        f"SemiMix's unlabelled batches hold {len(xu)} tensor(s) but the labelled batches have {len(xb)} input(s): the "
+        f"SemiMix's `unlabeled` batches hold {len(xu)} tensor(s) but the labelled batches have {len(xb)} input(s): the "
         "unlabelled source must give the inputs only, in the same order (as `dls.test_dl(items)` does)")
     shape,dt = lambda t: tuple(t.shape[1:]),lambda t: str(t.dtype).replace('torch.', '')
     for i,(u,x) in enumerate(zip(xu,xb)):
         if shape(u)!=shape(x) or u.dtype!=x.dtype: raise ValueError(
-            f"SemiMix's unlabelled input {i} has shape {shape(u)} and dtype {dt(u)} but the labelled input {i} has {shape(x)}, {dt(x)}")
+            f"SemiMix's `unlabeled` doesn't match the labelled data: unlabelled input {i} has shape {shape(u)} and dtype "
+            f"{dt(u)} but the labelled input {i} has {shape(x)}, {dt(x)}")
+
+def _peek(dl):
+    "`dl.one_batch()`, putting back the random states drawing it touches: the loader's, Python's, numpy's and torch's"
+    rng,pst,nst = getattr(dl, 'rng', None),random.getstate(),np.random.get_state()
+    st = rng.getstate() if isinstance(rng, random.Random) else None
+    devs = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devs): return dl.one_batch()
+    finally:
+        if st is not None: dl.rng = rng; rng.setstate(st)
+        random.setstate(pst); np.random.set_state(nst)
 
 # %% ../nbs/02_semimix.ipynb #a8b0c7eb
 class SemiMix(MixHandler):
     "Blend each labelled sample with an unlabelled one, lam ~ Beta(`alpha`+1, `alpha`), and train on its own label (Huszár's form of mixup)"
     def __init__(self,
-        unlabeled=None, # Unlabelled inputs: a fastai `DataLoader` of inputs, or items for the training pipeline; None: the batch's own samples
-        alpha:float=.4, # The mixup `alpha`: the labelled sample keeps lam ~ Beta(alpha+1, alpha)
-        **kwargs # `p`, `stop_at`, `seed`, `generator`, `same_on_all_ranks`: see `MixHandler`
+        unlabeled=None, # Unlabelled inputs: a fastai DataLoader of inputs, or items (list, tensor, array, DataFrame) for the training pipeline; None: the batch's own samples
+        alpha:float=.4, # The mixup alpha: the labelled sample keeps lam ~ Beta(alpha+1, alpha)
+        **kwargs # p, stop_at, seed, generator, same_on_all_ranks: see MixHandler
     ):
         super().__init__(**kwargs)
+        _check_source(unlabeled)
         self.unlabeled,self.alpha = unlabeled,check_alpha(alpha)
         self.partner_xb,self._dl,self._it,self._rest = None,None,None,None
 
@@ -82,16 +130,37 @@ class SemiMix(MixHandler):
             self._dl = unlabeled_dl(self.dls, self.unlabeled, rank, world, self.seed)
         return self._dl
 
-    def _next_batch(self, xb) -> tuple:
-        "The next unlabelled batch, starting a new pass (newly shuffled) when one ends"
+    def _next_batch(self, xb=None) -> tuple:
+        "The next unlabelled batch, checked against labelled inputs `xb`, starting a new pass (newly shuffled) when one ends"
         for fresh in (False, True):
             if self._it is None or fresh: self._it = iter(self._stream())
             b = next(self._it, None)
             if b is not None:
                 b = tuple(b) if isinstance(b, (tuple,list)) else (b,)
-                _check_partner(b, xb)
+                if xb is not None: _check_partner(b, xb)
                 return b
-        raise ValueError("SemiMix's unlabelled source is empty (on this process)")
+        rank,world = rank_world()
+        raise ValueError(f"SemiMix's `unlabeled` gives no samples to this process (rank {rank} of {world}): "
+                         "each process reads its own share, so give at least as many samples as processes")
+
+    def _labelled_inputs(self) -> tuple|None:
+        "The inputs of a training batch, drawn leaving every random state as it was; None if none can be drawn"
+        dl = self.dls.train
+        # A wrapping loader (fastai's `DistributedDL`) is looked through: its batches would need a collective
+        while isinstance(getattr(dl, 'dl', None), DataLoader): dl = dl.dl
+        if not isinstance(dl, DataLoader) or dl.n is None or len(dl)==0: return None
+        b = _peek(dl)
+        b = tuple(b) if isinstance(b, (tuple,list)) else (b,)
+        return b[:getattr(self.dls, 'n_inp', 1 if len(b)==1 else len(b)-1)]  # as `Learner._split` does
+
+    def before_fit(self):
+        "Check the unlabelled source against the labelled inputs, before any batch is drawn for training"
+        super().before_fit()
+        if self.unlabeled is None: return
+        xb = self._labelled_inputs()
+        # The first unlabelled batch is kept for the first training batch: no sample is skipped
+        if self._rest is None: self._rest = self._next_batch(xb)
+        elif xb is not None: _check_partner(self._rest, xb)
 
     def _take(self, xb:tuple) -> tuple:
         "As many unlabelled samples as the labelled batch `xb` has, on its device"
@@ -114,7 +183,7 @@ class SemiMix(MixHandler):
         else: self.partner_xb,idx = self._take(self.xb),torch.arange(n, device=x.device)
         self.mix = Mix(idx, draw_lam(n, self.alpha+1, self.alpha, device=x.device, generator=gen))
         # `p[idx]` is a new tensor, so `blend` never writes into the batch nor the unlabelled data
-        self.learn.xb = tuple(blend(o, p[idx], _spread(self.mix.lam, o.ndim)) for o,p in zip(self.xb, self.partner_xb))
+        self.learn.xb = tuple(blend(o, p[idx], self.mix.weight(o)) for o,p in zip(self.xb, self.partner_xb))
 
     def after_pred(self): "Never swaps the loss: the objective is the user's loss on each sample's own target"
 
