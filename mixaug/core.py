@@ -73,11 +73,26 @@ def check_prob(p, name:str, what:str='a probability') -> float:
     return v
 
 # %% ../nbs/00_core.ipynb #be735ba5
+import operator
+
 def _draw(fn, *shape, device=None, generator=None):
     "`fn` (`torch.rand`/`randn`) of `shape` drawn by `generator`, on `device`"
     if generator is None or device is None or torch.device(device)==generator.device:
         return fn(*shape, device=device or (generator.device if generator is not None else None), generator=generator)
     return fn(*shape, device=generator.device, generator=generator).to(device, non_blocking=True)
+
+def _check_n(n, name='n') -> int:
+    "`n` as an int if it is a whole number >= 1 (Python's, numpy's or a 0-d integer tensor), else an error naming `name`"
+    try: v = operator.index(n) if not isinstance(n, bool) else None
+    except TypeError: v = None
+    if v is None: raise TypeError(f"`{name}` must be a whole number of samples >= 1; got {n!r} ({type(n).__name__})")
+    if v < 1: raise ValueError(f"`{name}` must be a whole number of samples >= 1; got {n!r}")
+    return v
+
+@functools.lru_cache(maxsize=64)
+def _const(v, device) -> Tensor:
+    "A constant float tensor `v` on `device`, made once (a copy to the device per batch would cost a launch)"
+    return torch.tensor(v, dtype=torch.float32, device=device)
 
 # %% ../nbs/00_core.ipynb #efa05d9b
 def log_gamma(conc:float, n:int, device=None, generator=None, tries:int=12) -> Tensor:
@@ -89,25 +104,73 @@ def log_gamma(conc:float, n:int, device=None, generator=None, tries:int=12) -> T
     u = _draw(torch.rand, tries, n, device=device, generator=generator)
     log_v = 3*torch.log1p(c*x)  # NaN where 1+c*x <= 0: those candidates are rejected below
     ok = torch.log(u) < 0.5*x*x + d - d*log_v.exp() + d*log_v
-    first = ok.byte().argmax(0, keepdim=True)  # first accepted candidate; all 12 rejected has probability < 1e-15
+    first = ok.max(0, keepdim=True).indices  # first accepted candidate; all 12 rejected has probability < 1e-15
     res = math.log(d) + log_v.gather(0, first)[0]
     if boost: res = res + torch.log(_draw(torch.rand, n, device=device, generator=generator))/conc
     return res
 
 # %% ../nbs/00_core.ipynb #3829c0cc
-def draw_lam(n:int, alpha:float, beta:float|None=None, fold:bool=False, device=None, generator=None) -> Tensor:
-    "`n` lambdas from Beta(`alpha`, `beta` or `alpha`) on `device`, folded to max(lam, 1-lam) if `fold`"
-    alpha = check_alpha(alpha)
-    beta = alpha if beta is None else check_alpha(beta, 'beta')
-    lam = torch.sigmoid(log_gamma(alpha, n, device, generator) - log_gamma(beta, n, device, generator))
+_TINY = 1e-20  # below this, Beta(a, a) is its limit law to float precision: 0 or 1
+
+def _tries(a:float) -> int:
+    "Candidates per sample for Johnk's method at `a` <= 1/2, so that all are rejected with probability < 1e-15"
+    acc = math.exp(2*math.lgamma(a+1) - math.lgamma(2*a+1))  # acceptance: at least 0.785
+    return 1 if acc>=1 else max(1, math.ceil(-15*math.log(10)/math.log1p(-acc)))
+
+def _sym_rows(a:float) -> int:
+    "How many rows of uniforms `_sym_beta` takes for Beta(`a`, `a`)"
+    return 1 if a<_TINY or a==1 else 2 if a>.5 else 2*_tries(a)
+
+def _sym_beta(u:Tensor, a:float, fold:bool=False) -> Tensor:
+    "Beta(`a`, `a`) from uniforms `u` of shape `(_sym_rows(a), n)`, folded to max(lam, 1-lam) if `fold`"
+    if a < _TINY: return torch.ones_like(u[0]) if fold else u[0].round()  # the limit law: 0 or 1, one half each
+    if a == 1: return u[0].lerp(_const(1., u.device), .5) if fold else u[0]
+    if a > .5:  # Ulrich's polar method: (1 + sqrt(1-U**(2/(2a-1))) cos(pi V))/2, no rejection
+        r = torch.rsub(u[0].pow(2/(2*a-1)), 1).sqrt_()
+        c = u[1].mul(math.pi/2 if fold else math.pi).cos_()  # |cos(pi V)| has the law of cos(pi V/2)
+        return torch.addcmul(_const(.5, u.device), r, c, value=.5)
+    # Johnk's method in the log domain: X = U**(1/a), Y = V**(1/a), accepted when X+Y <= 1, lam = X/(X+Y)
+    z = torch.xlogy(1/a, u.view(2, -1, u.shape[-1]))
+    first = (torch.logaddexp(z[0], z[1]) <= 0).max(0, keepdim=True).indices  # the first accepted candidate
+    d = (z[0]-z[1]).gather(0, first)[0]
+    return torch.sigmoid(d.abs() if fold else d)
+
+def _is_semi(a:float, b:float) -> bool: return b<a and math.isclose(a-b, 1, rel_tol=0, abs_tol=1e-12)
+
+def _lam_rows(a:float, b:float) -> int|None:
+    "Rows of uniforms `_lam` takes for Beta(`a`, `b`), or None when it draws its own (a general asymmetric Beta)"
+    if a==b: return _sym_rows(a)
+    if _is_semi(a, b): return _sym_rows(b)+1
+    return None
+
+def _lam(u:Tensor|None, n:int, a:float, b:float, fold:bool, device=None, generator=None) -> Tensor:
+    "`n` draws of Beta(`a`, `b`), from uniforms `u` of `_lam_rows(a, b)` rows when it is not None"
+    if a==b: return _sym_beta(u, a, fold)
+    if _is_semi(a, b):  # Beta(b+1, b) has density 2x times Beta(b, b)'s: keep X with probability X, else 1-X
+        x = _sym_beta(u[1:], b, fold)
+        return x if fold else torch.where(u[0] < x, x, 1-x)  # folded, both laws are the same
+    if max(a, b) < _TINY: lam = (_draw(torch.rand, n, device=device, generator=generator) < a/(a+b)).float()
+    else: lam = torch.sigmoid(log_gamma(a, n, device, generator) - log_gamma(b, n, device, generator))
     return torch.maximum(lam, 1-lam) if fold else lam
 
+def draw_lam(n:int, alpha:float, beta:float|None=None, fold:bool=False, device=None, generator=None) -> Tensor:
+    "`n` lambdas from Beta(`alpha`, `beta` or `alpha`) on `device`, folded to max(lam, 1-lam) if `fold`"
+    n,alpha = _check_n(n),check_alpha(alpha)
+    beta = alpha if beta is None else check_alpha(beta, 'beta')
+    rows = _lam_rows(alpha, beta)
+    u = None if rows is None else _draw(torch.rand, rows, n, device=device, generator=generator)
+    return _lam(u, n, alpha, beta, fold, device, generator)
+
 # %% ../nbs/00_core.ipynb #6ee67a02
+def _cycle(u:Tensor) -> Tensor:
+    "Partners from uniforms `u` `(n,)`: sorting `u` orders the batch at random, and each sample takes the next one"
+    n = len(u)
+    order = u.expand(2, n).argsort(dim=1, stable=True).view(-1)  # the order twice in a row: `order[1:n+1]` is it rolled
+    return torch.empty_like(order[:n]).scatter_(0, order[:n], order[1:n+1])
+
 def draw_partners(n:int, device=None, generator=None) -> Tensor:
     "A random permutation `idx` where sample `i` mixes with sample `idx[i]`, never itself when `n > 1`"
-    order = _draw(torch.randperm, n, device=device, generator=generator)
-    # Walking one random cycle through the batch: each sample's partner is the next one in `order`
-    return torch.empty_like(order).scatter_(0, order, order.roll(-1))
+    return _cycle(_draw(torch.rand, _check_n(n), device=device, generator=generator))
 
 # %% ../nbs/00_core.ipynb #ec2975ee
 def blend(t:Tensor, other:Tensor, w:Tensor) -> Tensor:
@@ -119,33 +182,57 @@ def blend(t:Tensor, other:Tensor, w:Tensor) -> Tensor:
     return torch.addcmul(torch.addcmul(other, other, w, value=-1), t, w)
 
 # %% ../nbs/00_core.ipynb #77070282
+def _boxes(area:Tensor, ctr:Tensor) -> tuple[Tensor,Tensor]:
+    "Boxes `(lo, hi)`, each `(m, nd)`, of volume `area` `(m,)` centred at `ctr` `(nd, m)`, clipped to [0, 1]"
+    nd = len(ctr)
+    side = area if nd==1 else area.pow(1/nd)
+    b = torch.addcmul(ctr, side, _const((-.5, .5), ctr.device).view(2,1,1)).clamp_(0, 1)  # (2, nd, m): lo and hi
+    return b[0].t(),b[1].t()
+
 def draw_boxes(lam:Tensor, n_dims:int, generator=None) -> tuple[Tensor,Tensor]:
     "Boxes `(lo, hi)` in relative coordinates [0, 1]: one per `lam`, of volume `1-lam` before clipping, centred uniformly"
-    side = (1-lam).clamp(0,1).pow(1/n_dims)[:,None]
-    ctr = _draw(torch.rand, len(lam), n_dims, device=lam.device, generator=generator)
-    return (ctr-side/2).clamp(0,1), (ctr+side/2).clamp(0,1)
+    ctr = _draw(torch.rand, n_dims, len(lam), device=lam.device, generator=generator)
+    return _boxes((1-lam).clamp(0,1), ctr)
 
 # %% ../nbs/00_core.ipynb #6a8c037f
+@functools.lru_cache(maxsize=32)
+def _positions(shape:tuple, device) -> Tensor:
+    "Centres of the positions along each dim of `shape`, relative, `(len(shape), max(shape))`; 2 past a dim's end"
+    p = torch.full((len(shape), max(shape)), 2.)
+    for d,s in enumerate(shape): p[d,:s] = (torch.arange(s)+0.5)/s
+    return p.to(device)  # made once per shape and device
+
+def _masks(lo:Tensor, hi:Tensor, shape) -> Tensor:
+    "Float masks `(n, len(shape), max(shape))`: 1 at the positions whose centre lies in each sample's box"
+    p,lo = _positions(tuple(shape), lo.device),lo[...,None]
+    return torch.logical_and(p>=lo, p<hi[...,None], out=lo.new_empty(len(lo), *p.shape))
+
 def box_masks(lo:Tensor, hi:Tensor, shape) -> list[Tensor]:
     "For each spatial dim of `shape`, a float mask `(n, size)` of the positions whose centre lies in each sample's box"
-    return [((p>=lo[:,d:d+1]) & (p<hi[:,d:d+1])).float()
-            for d,p in enumerate((torch.arange(s, device=lo.device)+0.5)/s for s in shape)]
+    m = _masks(lo, hi, shape)
+    return [m[:,d,:s] for d,s in enumerate(shape)]
 
 # %% ../nbs/00_core.ipynb #c30747f1
+def _keep(m:Tensor, shape) -> Tensor:
+    "The keep map `(n, *shape)` from masks `m` of `_masks`: the outer product of the 1-D masks, subtracted from 1"
+    nd = len(shape)
+    ms = [m[:,d,:s].view(len(m), *[1]*d, s, *[1]*(nd-d-1)) for d,s in enumerate(shape)]
+    if nd==1: return torch.rsub(ms[0], 1)
+    inside = functools.reduce(torch.mul, ms[:-1])  # all dims but the last: a small tensor
+    return torch.addcmul(_const(1., m.device), inside, ms[-1], value=-1)  # one pass over the map
+
 def box_keep_map(lo:Tensor, hi:Tensor, shape) -> Tensor:
     "Float map `(n, *shape)`: 0 at positions whose centre lies in that sample's box, 1 elsewhere"
-    ms,nd = box_masks(lo, hi, shape),len(shape)
-    ms = [m.view(len(m), *[1]*d, m.shape[1], *[1]*(nd-d-1)) for d,m in enumerate(ms)]
-    if nd==1: return (1-ms[0]).expand(len(lo), *shape)
-    inside = functools.reduce(torch.mul, ms[:-1])  # all dims but the last: a small tensor
-    return torch.addcmul(torch.ones((), device=lo.device), inside, ms[-1], value=-1)  # one pass over the map
+    return _keep(_masks(lo, hi, shape), shape)
 
 # %% ../nbs/00_core.ipynb #f44f4201
+def _kept(m:Tensor, shape) -> Tensor:
+    "Fraction of each sample's positions outside its box, from masks `m` of `_masks`: 1 - the product of their counts"
+    return torch.rsub(m.sum(-1).prod(-1), 1, alpha=1/math.prod(shape))
+
 def box_kept_fraction(lo:Tensor, hi:Tensor, shape) -> Tensor:
     "Fraction of each sample's positions outside its box, `box_keep_map(...).mean()` computed from the box's sides alone"
-    cut = torch.ones(len(lo), device=lo.device)
-    for m in box_masks(lo, hi, shape): cut = cut * m.mean(1)
-    return 1-cut
+    return _kept(_masks(lo, hi, shape), shape)
 
 # %% ../nbs/00_core.ipynb #f372f8ae
 def _spread(w:Tensor, ndim:int) -> Tensor:
@@ -288,36 +375,53 @@ def loss(self:Mix, loss_func, pred, *ys) -> Tensor:
 def draw_mixup(n:int, alpha:float=0.4, fold:bool=True, per_batch:bool=False, beta:float|None=None,
                device=None, generator=None) -> Mix:
     "A MixUp `Mix` for `n` samples: lambdas from Beta(`alpha`, `beta` or `alpha`), one per sample or one per batch"
-    lam = draw_lam(1 if per_batch else n, alpha, beta, fold=fold, device=device, generator=generator)
-    return Mix(draw_partners(n, device, generator), lam.expand(n) if per_batch else lam)
+    n,alpha = _check_n(n),check_alpha(alpha)
+    beta = alpha if beta is None else check_alpha(beta, 'beta')
+    m,rows = (1 if per_batch else n),_lam_rows(alpha, beta)
+    u = _draw(torch.rand, 1+(rows or 0), n, device=device, generator=generator)  # partners and lambdas in one draw
+    lam = _lam(u[1:,:m] if rows else None, m, alpha, beta, fold, u.device, generator)
+    return Mix(_cycle(u[0]), lam.expand(n) if per_batch else lam)
 
 # %% ../nbs/00_core.ipynb #9bfea00b
 def spatial_shape(x:Tensor) -> tuple:
-    "The spatial dims of input `x` of shape `(n, channels, *spatial)`, checked to be 1 to 3 of them"
+    "The spatial dims of input `x` of shape `(n, channels, *spatial)`, checked to be 1 to 3 of them, none empty"
     if not 3 <= x.ndim <= 5: raise ValueError(
         f"CutMix cuts boxes out of the dims after the channel dim, so its input must be (n, c, length), (n, c, h, w) "
         f"or (n, c, d, h, w); got an input of shape {tuple(x.shape)}")
+    if 0 in x.shape[2:]: raise ValueError(
+        f"CutMix can't cut a box out of an empty spatial dim: got an input of shape {tuple(x.shape)}")
     return tuple(x.shape[2:])
+
+def _cut(u:Tensor, alpha:float, spatial:tuple) -> tuple:
+    "Boxes `(lo, hi)` of area from Beta(`alpha`, `alpha`), their masks at `spatial`, from uniforms `u` `(rows, m)`"
+    r = _sym_rows(alpha)
+    lo,hi = _boxes(_sym_beta(u[:r], alpha), u[r:])  # the area cut, 1-lam, has the law of lam
+    return lo,hi,_masks(lo, hi, spatial)
 
 # %% ../nbs/00_core.ipynb #cd786de7
 def draw_cutmix(x:Tensor, alpha:float=1., per_batch:bool=False, generator=None) -> Mix:
     "A CutMix `Mix` for input `x` of shape `(n, c, *spatial)`: boxes of area `1-lam`, one per sample or one per batch"
-    spatial,n = spatial_shape(x),len(x)
-    lam = draw_lam(1 if per_batch else n, alpha, device=x.device, generator=generator)
-    lo,hi = draw_boxes(lam, len(spatial), generator)
-    lam = box_kept_fraction(lo, hi, spatial).expand(n)  # the area really kept, after clipping and rounding
-    return Mix(draw_partners(n, x.device, generator), lam, (lo.expand(n,-1),hi.expand(n,-1)), spatial=spatial)
+    spatial,n,alpha = spatial_shape(x),len(x),check_alpha(alpha)
+    u = _draw(torch.rand, 1+_sym_rows(alpha)+len(spatial), n, device=x.device, generator=generator)
+    lo,hi,m = _cut(u[1:,:1] if per_batch else u[1:], alpha, spatial)
+    mix = Mix(_cycle(u[0]), _kept(m, spatial).expand(n), (lo.expand(n,-1),hi.expand(n,-1)), spatial=spatial)
+    mix._maps[spatial] = _keep(m, spatial).expand(n, *spatial)  # the first input's map, from the masks at hand
+    return mix
 
 # %% ../nbs/00_core.ipynb #f4576769
 def draw_cutmixup(x:Tensor, mixup_alpha:float=0.4, cutmix_alpha:float=1., switch_prob:float=0.5, fold:bool=True,
                   generator=None) -> Mix:
     "A `Mix` where each sample is cut by a box with probability `switch_prob`, else interpolated as in MixUp"
     spatial,n = spatial_shape(x),len(x)
-    lam = draw_lam(n, mixup_alpha, fold=fold, device=x.device, generator=generator)
-    lo,hi = draw_boxes(draw_lam(n, cutmix_alpha, device=x.device, generator=generator), len(spatial), generator)
-    cut = _draw(torch.rand, n, device=x.device, generator=generator) < switch_prob
-    lam = torch.where(cut, box_kept_fraction(lo, hi, spatial), lam)
-    return Mix(draw_partners(n, x.device, generator), lam, (lo,hi), cut=cut, spatial=spatial)
+    am,ac = check_alpha(mixup_alpha, 'mixup_alpha'),check_alpha(cutmix_alpha, 'cutmix_alpha')
+    sp,rm = check_prob(switch_prob, 'switch_prob', 'the probability of CutMix'),_sym_rows(am)
+    u = _draw(torch.rand, 2+rm+_sym_rows(ac)+len(spatial), n, device=x.device, generator=generator)
+    lo,hi,m = _cut(u[1+rm:-1], ac, spatial)
+    cut = u[-1] < sp
+    lam = torch.where(cut, _kept(m, spatial), _sym_beta(u[1:1+rm], am, fold))
+    mix = Mix(_cycle(u[0]), lam, (lo,hi), cut=cut, spatial=spatial)
+    mix._maps[spatial] = torch.where(_spread(cut, len(spatial)+1), _keep(m, spatial), _spread(lam, len(spatial)+1))
+    return mix
 
 # %% ../nbs/00_core.ipynb #bcd52f7d
 class CountSyncs(TorchDispatchMode):

@@ -1,13 +1,18 @@
 """Benchmark mixaug's mixing callbacks against fastai, timm, torchvision (and fastxtend) inside real fastai fits.
 
 One command: `python tools/benchmark.py` writes `nbs/benchmark_results.json`, which `nbs/05_benchmark.ipynb` shows.
-Three measurements, all on the CPU, in one process:
+Exact op counts (`op_counts`, fast and noise-free, computed by the notebook itself), then three timed measurements,
+all on the CPU, in one process:
 
 - `overhead`: the time a mixing callback adds to a training batch of 3x128x128 images, inside `Learner.fit`, for
   several batch sizes; contenders interleaved round-robin, in a new random order each round.
 - `memory`: the peak of the bytes allocated (and not yet freed) while a callback mixes a batch and its loss runs,
   read from torch's profiler, as a multiple of the batch's own size.
 - `throughput`: samples per second of a small CNN trained on 3x32x32 images, with and without each callback.
+
+With `--gpu` (on a machine with CUDA): fits of every mixaug callback with any host-device sync raising
+(`gpu_sync_check`), and the per-batch overhead measured with CUDA events at 3x224x224 (`gpu_overhead`), into
+`nbs/benchmark_gpu.json`.
 """
 from __future__ import annotations
 import argparse, json, os, platform, random, subprocess, sys, time, warnings, datetime
@@ -21,7 +26,8 @@ import fastai.callback.mixup as fmix
 from timm.data import Mixup as TimmMixup
 from torchvision.transforms import v2
 import mixaug
-from mixaug.callbacks import MixUp, CutMix
+from mixaug.callbacks import MixUp, CutMix, CutMixUp
+from mixaug.semimix import SemiMix
 
 warnings.filterwarnings('ignore')
 N_CLASSES = 10
@@ -137,6 +143,142 @@ def make_learner(factory, x, y, n_batches, model=None):
 def batch(bs, size=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(bs, 3, size, size, generator=g),torch.randint(0, N_CLASSES, (bs,), generator=g)
+
+# ---- 0. kernel ops and host syncs ----
+
+def op_contenders():
+    "Name -> (callbacks, loss function, number of inputs) for the op counts: mixaug's options and the peers"
+    ce_flat,ce = CrossEntropyLossFlat,nn.CrossEntropyLoss
+    c = {
+        'fastai MixUp':           (lambda: [fmix.MixUp()], ce_flat, 1),
+        'fastai CutMix':          (lambda: [fmix.CutMix()], ce_flat, 1),
+        'mixaug MixUp':           (lambda: [MixUp()], ce_flat, 1),
+        'mixaug MixUp per_batch': (lambda: [MixUp(per_batch=True)], ce_flat, 1),
+        'mixaug MixUp fold=False':(lambda: [MixUp(fold=False)], ce_flat, 1),
+        'mixaug MixUp alpha=1':   (lambda: [MixUp(alpha=1.)], ce_flat, 1),
+        'mixaug MixUp p=0.5':     (lambda: [MixUp(p=.5, seed=0)], ce_flat, 1),
+        'mixaug MixUp, 2 inputs': (lambda: [MixUp()], ce_flat, 2),
+        'mixaug CutMix':          (lambda: [CutMix()], ce_flat, 1),
+        'mixaug CutMix per_batch':(lambda: [CutMix(per_batch=True)], ce_flat, 1),
+        'mixaug CutMix alpha=0.4':(lambda: [CutMix(alpha=.4)], ce_flat, 1),
+        'mixaug CutMix, 2 inputs':(lambda: [CutMix()], ce_flat, 2),
+        'mixaug CutMixUp':        (lambda: [CutMixUp(seed=0)], ce_flat, 1),
+        'mixaug CutMixUp per_sample': (lambda: [CutMixUp(per_sample=True)], ce_flat, 1),
+        'mixaug CutMixUp per_sample, 2 inputs': (lambda: [CutMixUp(per_sample=True)], ce_flat, 2),
+        'mixaug SemiMix':         (lambda: [SemiMix()], ce_flat, 1),
+        'mixaug SemiMix, 2 inputs': (lambda: [SemiMix()], ce_flat, 2),
+        'timm MixUp batch':       (lambda: [PeerMix(timm_fn('batch', False))], ce, 1),
+        'timm MixUp elem':        (lambda: [PeerMix(timm_fn('elem', False))], ce, 1),
+        'timm CutMix batch':      (lambda: [PeerMix(timm_fn('batch', True))], ce, 1),
+        'timm CutMix elem':       (lambda: [PeerMix(timm_fn('elem', True))], ce, 1),
+        'torchvision MixUp':      (lambda: [PeerMix(tv_fn(False))], ce, 1),
+        'torchvision CutMix':     (lambda: [PeerMix(tv_fn(True))], ce, 1),
+    }
+    return c
+
+def _drive(cbs, lf, x, y, n_in):
+    "A function running one training batch's `before_batch` and loss through `cbs`, returning two `CountOps`"
+    from mixaug.test_utils import CountOps
+    dls = DataLoaders(PoolDL(x, y, 1), PoolDL(x[:2], y[:2], 1))
+    learn = Learner(dls, Strided(*x.shape[1:]), loss_func=lf, cbs=cbs)
+    learn.training,learn.pct_train,learn.epoch,learn.n_epoch,learn.iter = True,0.,0,1,0
+    for cb in cbs: getattr(cb, 'before_train', lambda: None)()  # fastai's mixers swap the loss here
+    pred = torch.randn(len(x), N_CLASSES)
+    def once():
+        learn.xb,learn.yb = tuple(x.clone() for _ in range(n_in)),(y.clone(),)
+        with CountOps() as bb: learn('before_batch')
+        learn.pred = pred; learn('after_pred')
+        with CountOps() as lo: learn.loss_grad = learn.loss_func(learn.pred, *learn.yb)
+        learn('after_loss')
+        mixed = any(getattr(cb, 'mix', 1) is not None for cb in cbs)  # mixaug's `mix` is None on a batch left as is
+        return bb,lo,mixed
+    return once
+
+def op_counts(bs=64, size=32):
+    "Kernel ops (not views, not `empty`) and host syncs per mixed training batch of `bs` images with class indices, over the plain loss"
+    x,y = batch(bs, size)
+    plain = _drive([], CrossEntropyLossFlat(), x, y, 1)
+    plain(); _,plain,_ = plain()  # the plain loss, as fit runs it
+    res = {}
+    for k,(cbs,lf,n_in) in op_contenders().items():
+        once = _drive(cbs(), lf(), x, y, n_in)
+        once()  # constants made once per shape and device are made here
+        for _ in range(20):  # with p < 1, until a batch is mixed
+            bb,lo,mixed = once()
+            if mixed: break
+        res[k] = dict(inputs=n_in, before_batch=bb.n, loss=lo.n-plain.n, total=bb.n+lo.n-plain.n, syncs=bb.syncs+lo.syncs)
+    return res
+
+# ---- GPU: syncs inside fits, and overhead measured with CUDA events ----
+
+def _sync_mode(mode):
+    if torch.cuda.is_available(): torch.cuda.set_sync_debug_mode(mode)  # without CUDA (a smoke run), nothing to check
+
+class SyncError(Callback):
+    "Make any host-device sync raise from `before_batch` to `after_loss`: the mixing, the model, the (mixed) loss"
+    order = -1000
+    def before_batch(self): _sync_mode('error')
+    def after_loss(self): _sync_mode('default')
+    after_cancel_batch = after_fit = after_loss
+
+def gpu_sync_check(device='cuda', bs=64, n_batches=4):
+    "Fit every mixaug callback (and options) on `device` with syncs raising inside each batch: name -> 'clean' or the error"
+    x,y = batch(bs*n_batches, 32)
+    x,y = x.to(device),y.to(device)
+    cbs = {'MixUp': lambda: MixUp(), 'MixUp per_batch p=0.5': lambda: MixUp(per_batch=True, p=.5, seed=0),
+           'CutMix': lambda: CutMix(), 'CutMix per_batch': lambda: CutMix(per_batch=True),
+           'CutMixUp': lambda: CutMixUp(seed=0), 'CutMixUp per_sample': lambda: CutMixUp(per_sample=True, seed=1),
+           'SemiMix': lambda: SemiMix(), 'SemiMix unlabelled': lambda: SemiMix(DataLoader(x[:2*bs].cpu(), bs=bs, shuffle=True, device=device))}
+    res = {}
+    for k,f in cbs.items():
+        dls = DataLoaders(ViewDLs(x, y, bs), ViewDLs(x[:bs], y[:bs], bs), device=device)
+        learn = Learner(dls, Strided(3, 32, 32).to(device), loss_func=CrossEntropyLossFlat(), cbs=[f(), SyncError()])
+        try:
+            with learn.no_logging(): learn.fit(1)
+            res[k] = 'clean'
+        except Exception as e: res[k] = f'{type(e).__name__}: {e}'.split('\n')[0]
+        finally: _sync_mode('default')
+    return res
+
+class ViewDLs(DataLoader):
+    "Batches of `bs` slices of `x`, `y` kept on the device"
+    def __init__(self, x, y, bs, **kwargs): self.x,self.y = x,y; super().__init__(range(len(x)), bs=bs, **kwargs)
+    def create_batch(self, b): return self.x[b[0]:b[-1]+1],self.y[b[0]:b[-1]+1]
+
+GPU = ['none', 'fastai MixUp', 'fastai CutMix', 'mixaug MixUp', 'mixaug MixUp per_batch', 'mixaug CutMix',
+       'mixaug CutMix per_batch', 'timm MixUp batch', 'timm CutMix batch', 'timm CutMix elem',
+       'torchvision MixUp', 'torchvision CutMix']
+
+def gpu_overhead(sizes=(64,128,256,512), reps=50, device='cuda', size=224, log=print):
+    "Per-batch time of `before_batch` plus the loss on `device`, minus that of no callback: median ms of device time (CUDA events) and host time"
+    cuda = torch.device(device).type=='cuda'
+    res = {}
+    for bs in sizes:
+        x,y = batch(bs, size)
+        x,y = x.to(device),y.to(device)
+        res[bs] = {}
+        for k,(_,f) in contenders(GPU).items():
+            cbs,lf = f()
+            dls = DataLoaders(PoolDL(x, y, 1), PoolDL(x[:2], y[:2], 1), device=device)
+            learn = Learner(dls, Strided(3, size, size).to(device), loss_func=lf, cbs=cbs)
+            learn.training,learn.pct_train,learn.epoch,learn.n_epoch,learn.iter = True,0.,0,1,0
+            for cb in cbs: getattr(cb, 'before_train', lambda: None)()
+            pred = torch.randn(bs, N_CLASSES, device=device)
+            dev,host = [],[]
+            for r in range(reps+5):
+                learn.xb,learn.yb = (x.clone(),),(y.clone(),)
+                if cuda: torch.cuda.synchronize(); s,e = torch.cuda.Event(enable_timing=True),torch.cuda.Event(enable_timing=True); s.record()
+                t = time.perf_counter()
+                learn('before_batch'); learn.pred = pred; learn('after_pred')
+                learn.loss_func(learn.pred, *learn.yb); learn('after_loss')
+                th = time.perf_counter()-t
+                if cuda: e.record(); torch.cuda.synchronize()
+                if r >= 5: host.append(1e3*th); dev.append(s.elapsed_time(e) if cuda else 1e3*(time.perf_counter()-t))
+            res[bs][k] = dict(device_ms=float(np.median(dev)), host_ms=float(np.median(host)))
+        for k,r in res[bs].items():
+            if k!='none': r['device_ms'] -= res[bs]['none']['device_ms']; r['host_ms'] -= res[bs]['none']['host_ms']
+        log(f'gpu bs={bs}: ' + ', '.join(f"{k} {r['device_ms']:.2f}ms" for k,r in res[bs].items()))
+    return res
 
 # ---- 1. overhead ----
 
@@ -275,9 +417,11 @@ def main(argv=None):
     p.add_argument('--include', default=None, help='comma-separated contender names (default: all)')
     p.add_argument('--threads', type=int, default=2, help='torch threads (the machines have 2 cores)')
     p.add_argument('--skip', default='', help='comma-separated parts to skip: overhead,memory,throughput')
+    p.add_argument('--gpu', action='store_true', help='instead: the GPU checks and timings, into nbs/benchmark_gpu.json')
     p.add_argument('--out', default=os.path.join(os.path.dirname(__file__), '..', 'nbs', 'benchmark_results.json'))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads); torch.manual_seed(0); np.random.seed(0)
+    if a.gpu: return main_gpu()
     sizes = [int(s) for s in a.sizes.split(',')]
     inc = a.include.split(',') if a.include else None
     res = dict(env=environment(), command=' '.join(['python tools/benchmark.py']+(argv if argv is not None else sys.argv[1:])),
@@ -295,6 +439,14 @@ def main(argv=None):
     res['env']['load_avg_end'] = os.getloadavg()
     with open(a.out, 'w') as f: json.dump(res, f, indent=1)
     print('wrote', os.path.abspath(a.out))
+    return res
+
+def main_gpu(out=os.path.join(os.path.dirname(__file__), '..', 'nbs', 'benchmark_gpu.json')):
+    "The GPU part: fits with syncs raising, then the overhead table at 3x224x224"
+    env = environment() | dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU (a smoke run)')
+    res = dict(env=env, command='python tools/benchmark.py --gpu', sync_clean=gpu_sync_check(), overhead=gpu_overhead())
+    with open(out, 'w') as f: json.dump(res, f, indent=1)
+    print('wrote', os.path.abspath(out))
     return res
 
 if __name__ == '__main__': main()
