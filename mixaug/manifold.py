@@ -71,7 +71,9 @@ def _mix_out(o, mix:Mix, where:str):
         if isinstance(t, Tensor):
             if t.is_floating_point() and t.ndim and len(t)==n: found[0] += 1; return mix(t)
             return t
-        if isinstance(t, (tuple,list)): return type(t)(f(u) for u in t) if not hasattr(t, '_fields') else type(t)(*[f(u) for u in t])
+        if isinstance(t, (tuple,list)):
+            res = [f(u) for u in t]
+            return type(t)(*res) if hasattr(t, '_fields') else type(t)(res)  # named tuples take their fields one by one
         if isinstance(t, dict): return type(t)({k:f(v) for k,v in t.items()})
         return t
     res = f(o)
@@ -96,9 +98,10 @@ class ManifoldMixup(MixHandler):
             if isinstance(modules, (str,nn.Module)) or not hasattr(modules, '__len__') or not len(modules): raise ValueError(
                 f"ManifoldMixup's `modules` must be None or a non-empty list of submodules, names or 'input'; got {modules!r}")
             for o in modules:
-                if not isinstance(o, (str,nn.Module)): _point(nn.Module(), o)  # raises the TypeError
+                if not isinstance(o, (str,nn.Module)): raise TypeError(
+                    f"ManifoldMixup's `modules` must hold submodules, their names or 'input'; got {o!r} ({type(o).__name__})")
         self.modules,self.points,self.mixed_module = modules,None,None
-        self._hook,self._token,self._model = None,None,None
+        self._hook,self._token,self._model,self._armed = None,None,None,None
 
     def draw(self, x, generator):
         return draw_mixup(len(x), self.alpha, fold=self.fold, per_batch=self.per_batch, device=x.device, generator=generator)
