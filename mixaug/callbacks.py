@@ -4,10 +4,11 @@
 
 # %% ../nbs/01_callbacks.ipynb #c4adac72
 from __future__ import annotations
-import random
-import torch
+import sys, random, functools
+import numpy as np, torch
 from torch import Tensor
-from fastcore.basics import store_attr, patch
+from fastcore.basics import store_attr
+from fastcore.meta import delegates
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .core import *
@@ -16,12 +17,50 @@ from .core import *
 __all__ = ['rank_world', 'MixHandler', 'MixUp', 'CutMix', 'CutMixUp']
 
 # %% ../nbs/01_callbacks.ipynb #bf1a78da
+def _event_frame():
+    "The innermost frame running `Learner.__call__` (an event), or None when a callback's method is called directly"
+    f,code = sys._getframe(1),Learner.__call__.__code__  # looked up now: a pickled copy of this module may replace globals
+    while f is not None and f.f_code is not code: f = f.f_back
+    return f
+
+def _on_stack(fid:int, code) -> bool:
+    "Whether the frame of id `fid` running `code` is still on the call stack (no reference kept: it may be gone)"
+    f = sys._getframe(1)
+    while f is not None:
+        if id(f)==fid and f.f_code is code: return True
+        f = f.f_back
+    return False
+
 class _MixedLoss:
-    "Stands in for the user's loss for one batch: computes `mix.loss` with it, then puts it back"
-    def __init__(self, learn, loss_func, mix): store_attr()
-    def __call__(self, pred, *yb):
-        try: return self.mix.loss(self.loss_func, pred, *yb)
-        finally: self.learn.loss_func = self.loss_func
+    "Stands in for the user's loss during one mixed batch: the mixed objective in that batch, the user's loss anywhere else"
+    def __init__(self, cb, learn, loss_func, mix, anchor):
+        # `anchor` is the frame that runs the batch's events: the batch lasts while it is on the stack
+        self.__dict__.update(cb=cb, learn=learn, loss_func=loss_func, mix=mix, fid=id(anchor), code=anchor.f_code)
+
+    @property
+    def live(self) -> bool:
+        "Whether this is the callback's stand-in for the batch being run now"
+        return self.cb._stand_in is self and _on_stack(self.fid, self.code)
+
+    def __call__(self, pred, *yb, **kwargs):
+        if not self.live:
+            self.retire()  # a leftover (an exception escaped `fit`): never a stale mix
+            return self.loss_func(pred, *yb, **kwargs)
+        lf = functools.partial(self.loss_func, **kwargs) if kwargs else self.loss_func
+        try: return self.mix.loss(lf, pred, *yb)
+        except BaseException: self.retire(); raise  # fastai has no event for an error escaping the loss
+
+    def retire(self):
+        "Put the user's loss back on the learner"
+        if self.learn.loss_func is self: self.learn.loss_func = self.loss_func
+        if self.cb._stand_in is self: self.cb._stand_in = None
+
+    def __getattr__(self, k):
+        "The user's loss's attributes (`activation`, `decodes`, `reduction`...)"
+        if k.startswith('__') or 'loss_func' not in self.__dict__: raise AttributeError(k)
+        return getattr(self.loss_func, k)
+
+    def __setattr__(self, k, v): setattr(self.loss_func, k, v)  # e.g. `reduction`, set by `NoneReduce`
 
 # %% ../nbs/01_callbacks.ipynb #98f6282e
 def rank_world() -> tuple[int,int]:
@@ -36,20 +75,49 @@ def _broadcast_from_rank0(o):
     return res[0]
 
 # %% ../nbs/01_callbacks.ipynb #dd20dc46
+def _check_bool(v, name:str) -> bool:
+    "`v` if it is a bool (Python's or numpy's), else a `TypeError` naming `name`"
+    if isinstance(v, (bool, np.bool_)): return bool(v)
+    raise TypeError(f"`{name}` must be True or False; got {v!r} ({type(v).__name__})")
+
+def _check_seed(seed):
+    "`seed` as an int, None, or an error naming it: an integer that torch's `manual_seed` takes once the rank is added"
+    if seed is None: return None
+    if isinstance(seed, Tensor) and seed.ndim==0 and not seed.is_floating_point() and seed.dtype!=torch.bool: seed = seed.item()
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)): raise TypeError(
+        f"`seed` must be None or an integer; got {seed!r} ({type(seed).__name__})")
+    if not -2**63 <= int(seed) < 2**63: raise ValueError(
+        f"`seed` must be an integer in [-2**63, 2**63) (torch's generator seeds, with room for the process rank); got {seed!r}")
+    return int(seed)
+
+def _check_per_position(v):
+    "None, or a tuple of bools (one per target), or an error naming `per_position`"
+    if v is None: return None
+    if isinstance(v, (bool, np.bool_)): v = (v,)
+    if not isinstance(v, (list, tuple)) or not all(isinstance(o, (bool, np.bool_)) for o in v): raise TypeError(
+        f"`per_position` must be None or a bool per target (True for masks and other per-position targets); got {v!r}")
+    return tuple(bool(o) for o in v)
+
 class MixHandler(Callback):
     "Base for the mixing callbacks: draws a `Mix` for each training batch and applies it to inputs, targets and loss"
-    run_valid,order = False,90  # runs after other callbacks, so the loss swap in `after_pred` is the last step before the loss
+    run_valid,order = False,90  # runs after other callbacks' `before_batch`, so it mixes the batch they prepared
     def __init__(self,
         p:float=1., # Probability of mixing a training batch
-        stop_at:float=1., # Fraction of training after which batches are no longer mixed (timm's `mixup_off_epoch`)
+        stop_at:float=1., # Fraction of training after which batches are no longer mixed (timm's mixup_off_epoch)
         seed:int|None=None, # Seed for a generator of the callback's own, so its mixing is the same run to run
         generator:torch.Generator|None=None, # Or a generator to draw with (best on the batch's device)
         same_on_all_ranks:bool=False, # In distributed training, draw the same mixes on every process
+        per_position:bool|list|None=None, # A bool per target (in yb order): True for masks and other per-position targets; None: from the targets' types, then shapes
     ):
-        if not 0 <= p <= 1: raise ValueError(f"`p` is the probability of mixing a batch, in [0, 1]; got {p!r}")
-        if not 0 <= stop_at <= 1: raise ValueError(f"`stop_at` is a fraction of training, in [0, 1]; got {stop_at!r}")
-        store_attr('p,stop_at,seed,generator,same_on_all_ranks')
-        self.coin,self.mix = None,None
+        self.p = check_prob(p, 'p', 'the probability of mixing a batch')
+        self.stop_at = check_prob(stop_at, 'stop_at', 'a fraction of training')
+        self.seed = _check_seed(seed)
+        if generator is not None and not isinstance(generator, torch.Generator): raise TypeError(
+            f"`generator` must be None or a torch.Generator; got {generator!r} ({type(generator).__name__})")
+        self.generator = generator
+        self.same_on_all_ranks = _check_bool(same_on_all_ranks, 'same_on_all_ranks')
+        self.per_position = _check_per_position(per_position)
+        self.coin,self.mix,self.mix_loss,self._stand_in = None,None,False,None
 
     def draw(self, x:Tensor, generator) -> Mix:
         "The `Mix` for a batch whose first input is `x`, drawn with `generator`; each subclass draws its own"
@@ -68,70 +136,114 @@ class MixHandler(Callback):
             if self.generator is None and seed is not None: self.generator = torch.Generator(device).manual_seed(seed)
         return self.generator
 
+    @property
+    def learn(self):
+        "The `Learner` this callback works for"
+        return self.__dict__.get('learn')
+
+    @learn.setter
+    def learn(self, v):
+        "Attach to `Learner` `v` (None: detach, as `fit(cbs=...)` does at its end), first putting back the loss of the one it leaves"
+        if v is not self.__dict__.get('learn'): self._retire()
+        self.__dict__['learn'] = v
+
+    def _retire(self):
+        "Put the user's loss back if this callback's stand-in is on its learner"
+        if self.__dict__.get('_stand_in') is not None: self._stand_in.retire()
+
+    def _bind(self):
+        "Point `learn` at the `Learner` running this event (one instance may be in several Learners); return the event's frame"
+        f = _event_frame()
+        l = f.f_locals.get('self') if f is not None else None
+        if isinstance(l, Learner) and l is not self.learn: self.learn = l
+        return f
+
+    def before_fit(self):
+        self._bind()
+        self._retire()
+        lf = self.learn.loss_func
+        if isinstance(lf, _MixedLoss) and not lf.live: lf.retire()  # another callback's, left by an error
+
     def before_batch(self):
-        self.mix = None
+        f = self._bind()
+        self._retire()
+        self.mix,self.mix_loss,yb = None,False,self.yb
         gen = self._gen(self.xb[0].device)
         if self.pct_train < self.stop_at and (self.p>=1 or self.coin.random() < self.p): self.mix_batch(gen)
+        if self.mix is None: return
+        lf = self.learn.loss_func
+        if isinstance(lf, _MixedLoss) and lf.live and (self.mix_loss or any(a is not b for a,b in zip(yb, self.yb))):
+            lf.retire(); raise ValueError(
+                f"{type(lf.cb).__name__} and {type(self).__name__} both mix this batch's targets, and {type(lf.cb).__name__} mixes "
+                "the loss (class-index targets): their objectives can't be composed. Use one of them (CutMixUp chooses MixUp or "
+                "CutMix per batch or per sample), or float (one-hot) targets, which both mix exactly")
+        # Swapped here, not in `after_pred`: every call of the loss from now to the end of the batch is the mixed objective
+        if self.mix_loss and f is not None: self._stand_in = self.learn.loss_func = _MixedLoss(self, self.learn, lf, self.mix, f.f_back)
 
     def mix_batch(self, generator):
         "Draw a `Mix` for this batch with `generator` and apply it to `learn.xb` and `learn.yb`"
         self.mix = self.draw(self.xb[0], generator)
+        self.mix.per_position = self.per_position
         self.learn.xb = tuple(self.mix(o) for o in self.xb)
         self.learn.yb,self.mix_loss = self.mix.targets(self.yb)
 
-    def after_pred(self):
-        if self.mix is not None and self.mix_loss: self.learn.loss_func = _MixedLoss(self.learn, self.loss_func, self.mix)
+    def after_pred(self): "Nothing to do: the loss was swapped in `before_batch`"
 
-    def _restore(self):
-        if isinstance(self.learn.loss_func, _MixedLoss): self.learn.loss_func = self.learn.loss_func.loss_func
-    after_loss = after_cancel_batch = after_cancel_train = after_cancel_fit = after_fit = before_fit = _restore
+    def _restore(self): self._retire()
+    def _end(self): self._restore()  # looked up on call, so a subclass's `_restore` runs too
+    after_batch = after_cancel_batch = after_cancel_train = after_train = after_cancel_epoch = after_epoch = _end
+    before_validate = after_cancel_validate = after_cancel_fit = after_fit = _end
 
     def __getstate__(self):
-        "Without the generator (torch can't pickle one) nor the last mix, so that `learn.export` works"
-        return {k:v for k,v in self.__dict__.items() if k not in ('generator','mix','coin')} | dict(generator=None, mix=None, coin=None)
+        "Without the generator (torch can't pickle one), the last mix nor a stand-in, so that `learn.export` works"
+        drop = ('generator','mix','coin','_stand_in')
+        return {k:v for k,v in self.__dict__.items() if k not in drop} | dict.fromkeys(drop)
 
 # %% ../nbs/01_callbacks.ipynb #2b7c6e09
+@delegates()
 class MixUp(MixHandler):
     "[mixup](https://arxiv.org/abs/1710.09412): train on convex combinations of pairs of samples and of their targets"
     def __init__(self,
         alpha:float=.4, # Lambda ~ Beta(alpha, alpha)
         per_batch:bool=False, # One lambda for the whole batch, as in the paper's code, instead of one per sample
         fold:bool=True, # Keep max(lam, 1-lam), as fastai does, so each sample stays the dominant one in its mix
-        **kwargs # `p`, `stop_at`, `seed`, `generator`: see `MixHandler`
+        **kwargs
     ):
         super().__init__(**kwargs)
-        self.alpha,self.per_batch,self.fold = check_alpha(alpha),per_batch,fold
+        self.alpha,self.per_batch,self.fold = check_alpha(alpha),_check_bool(per_batch, 'per_batch'),_check_bool(fold, 'fold')
 
     def draw(self, x, generator):
         return draw_mixup(len(x), self.alpha, fold=self.fold, per_batch=self.per_batch, device=x.device, generator=generator)
 
 # %% ../nbs/01_callbacks.ipynb #1317f61b
+@delegates()
 class CutMix(MixHandler):
     "[CutMix](https://arxiv.org/abs/1905.04899): paste a box of a partner into each sample; targets weighted by area"
     def __init__(self,
         alpha:float=1., # Box area ~ 1 - Beta(alpha, alpha), then corrected to the area really kept
         per_batch:bool=False, # One box for the whole batch, as fastai and the paper's code do, instead of one per sample
-        **kwargs # `p`, `stop_at`, `seed`, `generator`: see `MixHandler`
+        **kwargs
     ):
         super().__init__(**kwargs)
-        self.alpha,self.per_batch = check_alpha(alpha),per_batch
+        self.alpha,self.per_batch = check_alpha(alpha),_check_bool(per_batch, 'per_batch')
 
     def draw(self, x, generator): return draw_cutmix(x, self.alpha, per_batch=self.per_batch, generator=generator)
 
 # %% ../nbs/01_callbacks.ipynb #18a1bfb4
+@delegates()
 class CutMixUp(MixHandler):
     "MixUp or CutMix, chosen per batch or per sample, with probability `switch_prob` of CutMix (timm's `switch_prob`)"
     def __init__(self,
-        mixup_alpha:float=.4, # `alpha` of the MixUp draws
-        cutmix_alpha:float=1., # `alpha` of the CutMix draws
+        mixup_alpha:float=.4, # alpha of the MixUp draws
+        cutmix_alpha:float=1., # alpha of the CutMix draws
         switch_prob:float=.5, # Probability of CutMix rather than MixUp
         per_sample:bool=False, # Choose for each sample (in one pass over the batch) instead of for each batch
-        **kwargs # `p`, `stop_at`, `seed`, `generator`: see `MixHandler`
+        **kwargs
     ):
         super().__init__(**kwargs)
-        if not 0 <= switch_prob <= 1: raise ValueError(f"`switch_prob` is a probability, in [0, 1]; got {switch_prob!r}")
         self.mixup_alpha,self.cutmix_alpha = check_alpha(mixup_alpha, 'mixup_alpha'),check_alpha(cutmix_alpha, 'cutmix_alpha')
-        self.switch_prob,self.per_sample = switch_prob,per_sample
+        self.switch_prob = check_prob(switch_prob, 'switch_prob', 'the probability of CutMix')
+        self.per_sample = _check_bool(per_sample, 'per_sample')
 
     def draw(self, x, generator):
         if self.per_sample: return draw_cutmixup(x, self.mixup_alpha, self.cutmix_alpha, self.switch_prob, generator=generator)
