@@ -114,7 +114,7 @@ class ManifoldMixup(MixHandler):
         return self.points
 
     def before_fit(self):
-        self._restore()
+        super().before_fit()
         self._resolve()
 
     def before_batch(self):
@@ -130,6 +130,7 @@ class ManifoldMixup(MixHandler):
         self.mixed_module = pt.name
         if pt.module is None: return super().mix_batch(generator)  # the input: exactly MixUp
         self.mix = self.draw(self.xb[0], generator)
+        self.mix.per_position = self.per_position
         self.learn.yb,self.mix_loss = self.mix.targets(self.yb)
         self._arm(pt)
 
@@ -165,8 +166,7 @@ class ManifoldMixup(MixHandler):
 
     def _restore(self):
         self._disarm()
-        super()._restore()
-    after_loss = after_batch = after_cancel_batch = after_cancel_train = after_cancel_fit = after_fit = before_validate = _restore
+        super()._restore()  # the base class calls it at the end of each batch, at every cancel, `before_validate` and `after_fit`
 
     def __repr__(self):
         return f"{type(self).__name__}(alpha={self.alpha}, mixed_module={self.mixed_module!r}, points={self.points})"
