@@ -59,7 +59,8 @@ def render(src, err=''):
     title = html.escape(str(fm.get('title', Path(src).stem)))
     nb.cells.insert(0, nbformat.v4.new_markdown_cell(f'# {title}\n\n> {fm.get("description", "")}'))
     exp = HTMLExporter(template_name='lab', exclude_input_prompt=True, exclude_output_prompt=True, embed_images=True)
-    return fm.get('output-file', Path(src).stem + '.html'), title, exp.from_notebook_node(nb)[0]
+    body = re.sub(r'(<a href="[^"]*")>source</a>\{([^}]*)\}', r'\1 \2>source</a>', exp.from_notebook_node(nb)[0])
+    return fm.get('output-file', Path(src).stem + '.html'), title, body  # show_doc's source link takes its attributes
 
 CSS = """<style>nav.preview{font-family:sans-serif;padding:.6em 1em;background:#f7f7f9;border-bottom:1px solid #ddd;
 position:sticky;top:0;z-index:10}nav.preview>*{margin-right:1.2em;text-decoration:none}</style>"""
