@@ -4,23 +4,25 @@
 
 # %% ../nbs/04_demo.ipynb #7fd80173
 from __future__ import annotations
-import argparse, inspect, math, sys, time
+import math, time
+from contextlib import nullcontext
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn as nn
 import matplotlib.pyplot as plt
-from fastcore.docments import docments
+from fastcore.script import call_parse
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.callback.schedule import *  # `fit_one_cycle`
-from fastai.callback.progress import ProgressCallback
+from fastai.callback.progress import *  # the progress bar, `Learner.no_bar`
 from .callbacks import MixUp, CutMix
+from .semimix import SemiMix
 from .show import show_mix
 
 # %% auto #0
-__all__ = ['digits', 'digits_cnn', 'main', 'cli']
+__all__ = ['digits', 'digits_cnn', 'main']
 
 # %% ../nbs/04_demo.ipynb #46a8e442
 def digits(
@@ -43,60 +45,47 @@ def digits_cnn() -> nn.Module:
                          nn.Flatten(), nn.Linear(32,10))
 
 # %% ../nbs/04_demo.ipynb #914bd6ca
-def _learner(cb, train, test, bs, seed, bar):
+def _learner(cb, train, test, bs, seed):
     "A Learner for the digits CNN, seeded, with `cb` (or no mixing)"
     set_seed(seed, reproducible=True)
     dls = DataLoaders(DataLoader(list(zip(*train)), bs=bs, shuffle=True, drop_last=True), DataLoader(list(zip(*test)), bs=512))
-    learn = Learner(dls, digits_cnn(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, cbs=cb)
-    if not bar: learn.remove_cb(learn.progress); learn.logger = lambda *a: None
-    return learn
-
-# %% ../nbs/04_demo.ipynb #d77a2c89
-def _args():
-    "An argument parser for `main`, from its signature and docments"
-    p = argparse.ArgumentParser(prog='python -m mixaug.demo', description=main.__doc__)
-    docs = docments(main)
-    for k,v in inspect.signature(main).parameters.items():
-        if isinstance(v.default, bool): p.add_argument(f'--{k}', action='store_true', help=docs[k])
-        else: p.add_argument(f'--{k}', type=type(v.default), default=v.default, metavar=type(v.default).__name__.upper(),
-                             help=f"{docs[k]} (default: {v.default})")
-    return p
+    return Learner(dls, digits_cnn(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, cbs=cb)
 
 # %% ../nbs/04_demo.ipynb #409ec271
+@call_parse
 def main(
     epochs:int=10, # Epochs of training for each method
-    alpha:float=1., # `alpha` of MixUp, CutMix and SemiMix
+    alpha:float=1., # alpha of MixUp, CutMix and SemiMix
     out:str='mixaug_demo', # Folder for the picture of a mixed batch (made if missing)
     seed:int=0, # Seed of the weights, the shuffling and the mixing
     n_train:int=1000, # Labelled training images (the rest of the 1,300-image pool is SemiMix's unlabelled data)
     bs:int=64, # Batch size
     lr:float=1e-2, # Peak learning rate of the one-cycle schedule
     threads:int=2, # CPU threads for torch
-    quiet:bool=False, # No progress bars
+    quiet:bool=False, # No progress bars, and no timings in the table (they depend on the machine's load)
 ) -> pd.DataFrame:
     "Train a small CNN on scikit-learn's digits with ERM, MixUp, CutMix and SemiMix; print test accuracy, save a mixed batch"
     for k,v in dict(epochs=epochs, bs=bs, threads=threads).items():
         if not isinstance(v, int) or v < 1: raise ValueError(f"`{k}` must be an int >= 1; got {v!r}")
     torch.set_num_threads(threads)
     train,unlabeled,test = digits(n_train)
-    methods = {'ERM': lambda: None, 'MixUp': lambda: MixUp(alpha=alpha, seed=seed), 'CutMix': lambda: CutMix(alpha=alpha, seed=seed)}
-    try:
-        from mixaug.semimix import SemiMix
-        methods['SemiMix'] = lambda: SemiMix(unlabeled=list(unlabeled) if len(unlabeled) else None, alpha=alpha, seed=seed)
-    except ImportError: pass
+    methods = {'ERM': lambda: None, 'MixUp': lambda: MixUp(alpha=alpha, seed=seed), 'CutMix': lambda: CutMix(alpha=alpha, seed=seed),
+               'SemiMix': lambda: SemiMix(unlabeled=list(unlabeled) if len(unlabeled) else None, alpha=alpha, seed=seed)}
     rows,learners = [],{}
     for name,make in methods.items():
         if not quiet: print(f"\n{name}")
-        learn = _learner(make(), train, test, bs, seed, not quiet)
+        learn = _learner(make(), train, test, bs, seed)
         start = time.perf_counter()
-        learn.fit_one_cycle(epochs, lr)
-        rows.append(dict(method=name, test_accuracy=float(learn.validate()[1]), seconds=time.perf_counter()-start))
+        with learn.no_bar() if quiet else nullcontext(), learn.no_logging() if quiet else nullcontext():
+            learn.fit_one_cycle(epochs, lr)
+            acc = float(learn.validate()[1])
+        rows.append(dict(method=name, test_accuracy=acc, seconds=time.perf_counter()-start))
         learners[name] = learn
     res = pd.DataFrame(rows)
     p = float(res.test_accuracy[0])
     print(f"\nTest accuracy on {len(test[1])} digits after {epochs} epochs ({len(train[1])} labelled training images, "
           f"alpha={alpha:g}, seed {seed}):\n")
-    print(res.round(dict(test_accuracy=4, seconds=1)).to_string(index=False))
+    print(res.drop(columns='seconds' if quiet else []).round(dict(test_accuracy=4, seconds=1)).to_string(index=False))
     print(f"\nStandard error of an accuracy near {p:.3f} on this test set: {math.sqrt(p*(1-p)/len(test[1])):.3f}; "
           "smaller differences are noise.")
     mixers = [n for n in learners if n!='ERM']
@@ -107,11 +96,3 @@ def main(
     fig.savefig(path/'mixed_batch.png', dpi=80, bbox_inches='tight'); plt.close(fig)
     print(f"A mixed training batch of each method: {path/'mixed_batch.png'}")
     return res
-
-# %% ../nbs/04_demo.ipynb #f5d635d9
-def cli():
-    "Run `main` with the command line's options"
-    main(**vars(_args().parse_args()))
-
-# %% ../nbs/04_demo.ipynb #ccc8deab
-if __name__ == '__main__' and '__file__' in globals(): cli()  # `python -m mixaug.demo`, not a notebook

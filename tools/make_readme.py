@@ -1,114 +1,56 @@
 #!/usr/bin/env python3
-"""Write README.md from nbs/index.ipynb without Quarto (nbdev 2's `nbdev_readme` needs Quarto).
+"""Write README.md from nbs/index.ipynb without Quarto (which `nbdev_readme` needs): `.venv/bin/python
+tools/make_readme.py [--check]`; `--check` (CI) exits 1 if README.md or its pictures are not what it makes.
+nbdev's docs processors as for the pages (tools/docs_preview.py), then nbconvert's MarkdownExporter. Figures that cells
+output go to nbs/images/readme_N.<ext> (GitHub and PyPI show no embedded images); links to pages point to the docs
+site, other relative links into nbs/. Backticked names link through the installed package's nbdev index: use .venv."""
+import base64, difflib, re, sys
+from importlib.metadata import entry_points
+from docs_preview import ROOT, proc, cells, page, links
 
-    .venv/bin/python tools/make_readme.py            # rewrite README.md
-    .venv/bin/python tools/make_readme.py --check    # exit 1, with a diff, if README.md is not up to date (CI)
-
-The notebook goes through the same steps as the docs pages (tools/docs_preview.py): nbdev's docs processors (hidden
-cells dropped, `show_doc` rendered, front matter taken from the title cell), then Quarto's cell options, then
-nbconvert's MarkdownExporter. Differences from `nbdev_readme`, on purpose:
-- figures that cells output (plots, images) are written to `nbs/images/readme_N.<ext>` from the notebook's stored
-  outputs and linked from the README (GitHub and PyPI don't show embedded data: images); `--check` also checks those
-  files. Images the notebook's markdown links to (e.g. `![](images/x.png)`) are kept, with their paths made
-  relative to the repository root (`nbs/images/x.png`);
-- links to other notebooks/pages (`00_core.ipynb`, `core.html`) point to the documentation site.
-The output depends only on the notebook (its stored outputs), the package's docstrings and nbdev, so it is
-reproducible; CI runs `--check`.
-"""
-import argparse, difflib, re, sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import docs_preview as dp  # noqa: E402
-
-_re_link = re.compile(r'(!?\[[^\]]*\]\()([^)\s]+)((?:\s+"[^"]*")?\))')  # [text](target "title")
-_re_img_html = re.compile(r'(<img\b[^>]*?\bsrc=")([^"]+)(")', re.I)
-_re_page = re.compile(r'^(.*?)\.(ipynb|qmd|html)(#.*)?$')
-
-
-def _fix_target(t, nbs_rel, site):
-    "Make a link target written relative to nbs/ work from the repository root."
-    if re.match(r'^([a-z][a-z0-9+.-]*:|#|/)', t, re.I): return t  # URL, anchor or absolute path
-    m = _re_page.match(t)
-    if m:  # another page of the docs: link to the site, named as nbdev names pages (00_core.ipynb -> core.html)
-        name = re.sub(r'^\d+[a-zA-Z0-9]*_', '', Path(m.group(1)).name.lower())
-        sub = Path(m.group(1)).parent.as_posix()
-        return f"{site}/{'' if sub == '.' else sub + '/'}{name}.html{m.group(3) or ''}"
-    return (Path(nbs_rel)/t).as_posix()
-
-
-def fix_links(md, nbs_rel, site):
-    md = _re_link.sub(lambda m: m.group(1) + _fix_target(m.group(2), nbs_rel, site) + m.group(3), md)
-    return _re_img_html.sub(lambda m: m.group(1) + _fix_target(m.group(2), nbs_rel, site) + m.group(3), md)
-
-
-def render_readme():
-    "The README text made from the readme notebook (settings.ini `readme_nb`, default index.ipynb)."
-    dp._chdir_root()
+def render():
+    "The README's text and its pictures ({path: bytes})."
     import nbformat
     from nbconvert import MarkdownExporter
     from nbdev.config import get_config
     cfg = get_config()
+    if cfg.lib_name not in {o.name for o in entry_points(group='nbdev')}:
+        sys.exit(f'make_readme: {cfg.lib_name} is not installed here: python3 -m venv .venv && '
+                 '.venv/bin/pip install -e ".[dev]" && .venv/bin/python tools/make_readme.py')
     src = cfg.nbs_path/cfg.get('readme_nb', 'index.ipynb')
-    if not src.exists(): sys.exit(f'make_readme: {src} not found')
-    if not dp.installed_lib():  # the README's links to the docs come from the installed package's nbdev index
-        sys.exit(f'make_readme: {cfg.lib_path.name} is not installed in this Python ({sys.executable}); use the dev '
-                 'environment: python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && '
-                 '.venv/bin/python tools/make_readme.py')
-    pnb = dp.process_nb(src)  # nbdev's processors, in this process (executes show_doc cells)
-    from execnb.nbio import nb2str
-    nb = nbformat.reads(nb2str(pnb), as_version=4)
-    fm = dp.quarto_cells(nb, for_markdown=True)
-    nb.metadata['language_info'] = {'name': 'python'}
-    import base64
-    images = {}  # path relative to nbs/ -> bytes, from the notebook's stored figure outputs
+    if err := proc(src): sys.exit(err)
+    nb = nbformat.read(ROOT/'_proc'/src.name, as_version=4)
+    fm, imgs = cells(nb), {}
     for c in nb.cells:
-        if c.cell_type != 'code': continue
-        outs = []
-        for o in c.outputs:
+        for i, o in enumerate(c.get('outputs', [])):
             kind = next((k for k in ('image/jpeg', 'image/png') if k in o.get('data', {})), None)
-            if kind is None: outs.append(o); continue
-            name = f"images/readme_{len(images)}.{kind.split('/')[1]}"
-            images[name] = base64.b64decode(o['data'][kind])
-            outs.append(nbformat.v4.new_output('display_data', data={'text/markdown': f'![]({name})'}))
-        c.outputs = outs
-        if c.metadata.get('transient', {}).get('remove_source') and not c.outputs: c.cell_type, c.source = 'raw', ''
-    nb.cells = [c for c in nb.cells if not (c.cell_type == 'raw' and not c.source)]
-    body, _ = MarkdownExporter().from_notebook_node(nb)
-    site = (cfg.get('doc_host', '') + cfg.get('doc_baseurl', '')).rstrip('/')
-    body = fix_links(body, cfg.nbs_path.relative_to(cfg.config_path).as_posix(), site)
-    title = str(fm.get('title') or cfg.lib_name)
-    head = (f'# {title}\n\n<!-- WARNING: THIS FILE WAS AUTOGENERATED FROM {src.relative_to(cfg.config_path).as_posix()}'
-            '! DO NOT EDIT! Edit the notebook, then run: .venv/bin/python tools/make_readme.py -->\n\n')
-    if fm.get('description'): head += f'> {fm["description"]}\n\n'
-    text = head + body
-    text = '\n'.join(l.rstrip() if not l.endswith('  ') or not l.strip() else l for l in text.splitlines())
-    return re.sub(r'\n{3,}', '\n\n', text).strip() + '\n', {cfg.nbs_path/k: v for k,v in images.items()}
+            if not kind: continue
+            name = f'images/readme_{len(imgs)}.{kind[6:]}'
+            imgs[cfg.nbs_path/name] = base64.b64decode(o.data[kind])
+            c.outputs[i] = nbformat.v4.new_output('display_data', data={'text/markdown': f'![]({name})'})
+    nb.metadata['language_info'] = {'name': 'python'}
+    site, nbs = (cfg.doc_host + cfg.doc_baseurl).rstrip('/'), cfg.nbs_path.relative_to(cfg.config_path).as_posix()
+    def fix(t): return f'{site}/{page(t)}' if page(t) else t if re.match(r'[a-z][\w+.-]*:|[#/]', t, re.I) else nbs+'/'+t
+    text = (f'# {fm.get("title", cfg.lib_name)}\n\n<!-- WARNING: THIS FILE WAS AUTOGENERATED FROM {nbs}/{src.name}! '
+            'DO NOT EDIT! Edit the notebook, then run: .venv/bin/python tools/make_readme.py -->\n\n'
+            + (f'> {fm["description"]}\n\n' if fm.get('description') else '')
+            + links(MarkdownExporter().from_notebook_node(nb)[0], fix))
+    text = '\n'.join(l if l.endswith('  ') and l.strip() else l.rstrip() for l in text.splitlines())
+    return re.sub(r'\n{3,}', '\n\n', text).strip() + '\n', imgs
 
+def main(check):
+    text, imgs = render()
+    readme = ROOT/'README.md'
+    if not check:
+        readme.write_text(text, encoding='utf-8')
+        for p, b in imgs.items(): p.parent.mkdir(exist_ok=True); p.write_bytes(b)
+        return print(f'wrote README.md and {len(imgs)} picture(s) in nbs/images/') or 0
+    old = readme.read_text(encoding='utf-8') if readme.exists() else ''
+    stale = [str(p) for p, b in imgs.items() if not p.exists() or p.read_bytes() != b]
+    diff = list(difflib.unified_diff(old.splitlines(), text.splitlines(), 'README.md', 'made', lineterm=''))
+    if old == text and not stale: return print('README.md is up to date with the notebook') or 0
+    print('\n'.join(diff[:80]), f'\nout of date: README.md {stale}: run .venv/bin/python tools/make_readme.py, commit',
+          file=sys.stderr)
+    return 1
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('--check', action='store_true', help='only check that README.md is up to date')
-    ap.add_argument('--out', default='README.md', help='file to write (default: README.md)')
-    a = ap.parse_args(argv)
-    text,images = render_readme()
-    out = dp.ROOT/a.out
-    if a.check:
-        old = out.read_text(encoding='utf-8') if out.exists() else ''
-        stale = [str(p) for p,b in images.items() if not p.exists() or p.read_bytes() != b]
-        if stale: print(f'README images out of date: {stale}: run `.venv/bin/python tools/make_readme.py` and commit them.',
-                        file=sys.stderr); return 1
-        if old == text: print(f'{a.out} is up to date with nbs/index.ipynb'); return 0
-        diff = list(difflib.unified_diff(old.splitlines(), text.splitlines(), f'{a.out} (committed)',
-                                         f'{a.out} (from nbs/index.ipynb)', lineterm=''))
-        print('\n'.join(diff[:80] + (['... (diff cut)'] if len(diff) > 80 else [])))
-        print(f'{a.out} is out of date with nbs/index.ipynb: run `.venv/bin/python tools/make_readme.py` and commit it.',
-              file=sys.stderr)
-        return 1
-    out.write_text(text, encoding='utf-8')
-    for p,b in images.items(): p.parent.mkdir(exist_ok=True); p.write_bytes(b)
-    print(f'wrote {out}' + (f' and {len(images)} image(s) in nbs/images/' if images else ''))
-    return 0
-
-
-if __name__ == '__main__': sys.exit(main())
+if __name__ == '__main__': sys.exit(main('--check' in sys.argv[1:]))
