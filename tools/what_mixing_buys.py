@@ -24,6 +24,7 @@ from label_noise import TensorDL
 warnings.filterwarnings('ignore')
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, '..', 'nbs', 'models', 'what_mixing_buys')  # trained weights (git-ignored), for the transfer attacks
+RESUME = False  # --resume: reuse the weights and rows an interrupted run left in CACHE instead of training again
 
 # ---------------------------------------------------------------- metrics
 def ece_bins(probs, y, n_bins:int=15):
@@ -78,7 +79,8 @@ def fgsm(model, x, y, eps:float):
     "FGSM (Goodfellow et al. 2015): one step of `eps` times the sign of the loss gradient, clipped to [0, 1]"
     return pgd(model, x, y, eps, steps=1, step=eps, rand_init=False)
 
-ATTACKS = {'FGSM': fgsm, 'PGD-10': lambda m,x,y,eps: pgd(m, x, y, eps, steps=10)}
+ATTACKS = {'FGSM': fgsm, 'PGD-7': lambda m,x,y,eps: pgd(m, x, y, eps, steps=7)}
+N_ATTACK = 500  # the attacks use the first 500 test images (all 497 on the digits)
 
 @torch.no_grad()
 def predict(model, x, bs:int=1000):
@@ -161,34 +163,54 @@ def train(ds:str, method:str, seed:int, epochs:int|None=None, lr:float=3e-3, bs:
 
 def _path(ds, method, seed): return os.path.join(CACHE, f'{ds}_{method}_{seed}.pth')
 
+def _load(ds, method, seed):
+    "The model trained by `run`, from the cache"
+    model = DATASETS[ds][1]()
+    model.load_state_dict(torch.load(_path(ds, method, seed)))
+    return model.eval()
+
+def under_attack(model, x, y, eps, attack) -> list:
+    "Accuracy on the adversarial examples of `attack` for each of `eps` (eps 0: the clean images themselves)"
+    return [acc(model, attack(model, x, y, e) if e else x, y) for e in eps]
+
 def run(ds:str, method:str, seed:int, epochs:int|None=None, save:bool=True) -> dict:
-    "Train; return clean accuracy, NLL, ECE (and its bins), and white-box accuracy under each attack and epsilon"
+    "Train (or load the weights a previous run saved); return clean accuracy, NLL, ECE (and its bins), and white-box accuracy under each attack and epsilon"
     start = time.perf_counter()
-    model,(x,y) = train(ds, method, seed, epochs)
-    if save: os.makedirs(CACHE, exist_ok=True); torch.save(model.state_dict(), _path(ds, method, seed))
-    t_train = time.perf_counter()-start
+    if RESUME and os.path.exists(_path(ds, method, seed)):
+        torch.set_num_threads(1)
+        model,test,t_train = _load(ds, method, seed),DATASETS[ds][0](seed)[1],None
+    else:
+        model,test = train(ds, method, seed, epochs)
+        if save: os.makedirs(CACHE, exist_ok=True); torch.save(model.state_dict(), _path(ds, method, seed))
+        t_train = time.perf_counter()-start
+    x,y = test
     p = predict(model, x)
-    white = {a: [acc(model, f(model, x, y, e), y) for e in EPS[ds]] for a,f in ATTACKS.items()}
+    xa,ya = x[:N_ATTACK],y[:N_ATTACK]
+    white = {a: under_attack(model, xa, ya, EPS[ds], f) for a,f in ATTACKS.items()}
     return dict(dataset=ds, method=method, seed=seed, acc=float((p.argmax(1)==y).double().mean()), nll=nll(p, y), ece=ece(p, y),
-                bins={k:v.tolist() for k,v in ece_bins(p, y).items()}, white=white,
+                bins={k:v.tolist() for k,v in ece_bins(p, y).items()}, white=white, n_attack=len(xa),
                 train_seconds=t_train, seconds=time.perf_counter()-start)
 
 def transfer(ds:str, seed:int, methods) -> list[dict]:
     "Accuracy of each of `methods` (trained, in the cache) on the adversarial examples computed against ERM (same data set and seed)"
     torch.set_num_threads(1)
-    _,arch,_ = DATASETS[ds]
     _,(x,y) = DATASETS[ds][0](seed)
-    def load(m):
-        model = arch(); model.load_state_dict(torch.load(_path(ds, m, seed))); return model.eval()
-    erm = load('ERM')
-    adv = {a: [f(erm, x, y, e) for e in EPS[ds]] for a,f in ATTACKS.items()}
+    x,y = x[:N_ATTACK],y[:N_ATTACK]
+    erm = _load(ds, 'ERM', seed)
+    adv = {a: [f(erm, x, y, e) if e else x for e in EPS[ds]] for a,f in ATTACKS.items()}
     rows = []
     for m in methods:
-        model = load(m)
+        model = _load(ds, m, seed)
         rows.append(dict(dataset=ds, method=m, seed=seed, transfer={a: [acc(model, xa, y) for xa in v] for a,v in adv.items()}))
     return rows
 
-def _run(args): return run(*args)
+def _run(args):
+    "`run`, its row kept in the cache so that an interrupted grid resumes where it stopped"
+    f = _path(*args).replace('.pth', '.json')
+    if RESUME and os.path.exists(f): return json.load(open(f))
+    r = run(*args)
+    with open(f, 'w') as o: json.dump(r, o)
+    return r
 def _transfer(args): return transfer(*args)
 
 def main(argv=None):
@@ -196,10 +218,13 @@ def main(argv=None):
     p.add_argument('--datasets', default=','.join(DATASETS))
     p.add_argument('--methods', default=','.join(METHODS))
     p.add_argument('--seeds', type=int, default=3)
-    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--workers', type=int, default=3)
     p.add_argument('--update', action='store_true', help='keep the rows of other methods already in --out')
+    p.add_argument('--resume', action='store_true', help='reuse the weights and rows an interrupted run left (same settings only)')
     p.add_argument('--out', default=os.path.join(HERE, '..', 'nbs', 'what_mixing_buys_results.json'))
     a = p.parse_args(argv)
+    global RESUME
+    RESUME = a.resume
     start = time.time()
     methods,not_run = available(a.methods.split(','))
     dss,seeds = a.datasets.split(','),list(range(a.seeds))
@@ -227,7 +252,7 @@ def main(argv=None):
     meta = dict(runs=old['meta']['runs']+[this], not_run=not_run, seconds=sum(r['seconds'] for r in old['meta']['runs']+[this]),
                 torch=torch.__version__, fastai=fastai.__version__, mixaug=mixaug.__version__, python=platform.python_version(),
                 threads_per_process=1, lr=3e-3, bs=64, eps=EPS, epochs={d:v[2] for d,v in DATASETS.items()},
-                attacks=dict(FGSM='one step of eps', **{'PGD-10': '10 steps of 2.5 eps/10, random start in the eps-ball'}))
+                n_attack=N_ATTACK, attacks=dict(FGSM='one step of eps', **{'PGD-7': '7 steps of 2.5 eps/7, random start in the eps-ball'}))
     with open(a.out, 'w') as f: json.dump(dict(meta=meta, rows=keep+rows), f)
     print('wrote', os.path.abspath(a.out), f'in {this["seconds"]:.0f} s')
 
