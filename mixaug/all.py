@@ -6,11 +6,12 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #9fb5dded
-from . import core, callbacks, semimix, show
+from . import core, callbacks, semimix, manifold, show
 from .core import *
 from .callbacks import *
 from .semimix import *
+from .manifold import *
 from .show import *
 
 # %% ../nbs/99_all.ipynb #7406fedb
-__all__ = [*core.__all__, *callbacks.__all__, *semimix.__all__, *show.__all__]
+__all__ = [*core.__all__, *callbacks.__all__, *semimix.__all__, *manifold.__all__, *show.__all__]
