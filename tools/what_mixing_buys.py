@@ -125,9 +125,9 @@ def semimix(alpha):
     from mixaug.semimix import SemiMix
     return SemiMix(unlabeled=None, alpha=alpha)  # partners from the batch: no extra data, the same budget
 
-def manifold():
+def manifold(alpha):
     from mixaug.manifold import ManifoldMixup  # written alongside this experiment; the row is 'not run' without it
-    return ManifoldMixup()
+    return ManifoldMixup(alpha=alpha)  # mixes at the output of a child of the Sequential drawn per batch (any but the last)
 
 METHODS = {
     'ERM': lambda: None,
@@ -136,7 +136,7 @@ METHODS = {
     'CutMix(1)': lambda: CutMix(alpha=1.),
     'CutMixUp': lambda: CutMixUp(mixup_alpha=.4, cutmix_alpha=1.),
     'SemiMix(1)': lambda: semimix(1.),
-    'ManifoldMixup': lambda: manifold(),
+    'ManifoldMixup(2)': lambda: manifold(2.),
 }
 
 def available(methods) -> tuple[list,dict]:
