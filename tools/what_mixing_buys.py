@@ -5,7 +5,8 @@ budget for all) on scikit-learn's 8x8 digits and on the 5,000 MNIST images mlxte
 test set the accuracy, the negative log-likelihood and the expected calibration error, and the accuracy under FGSM and
 PGD (L-inf) attacks computed against each model itself (white box) and against the ERM model of the same seed
 (transfer). Results go to `nbs/what_mixing_buys_results.json`, shown by `nbs/09_what_mixing_buys.ipynb`. No download:
-both data sets ship with their packages. `--methods M1,M2 --update` trains only those methods and replaces their rows.
+both data sets ship with their packages. `--methods M1,M2 --update` trains only those methods and replaces their rows;
+`--resume` reuses the weights and rows an interrupted run left in `nbs/models/what_mixing_buys/` (git-ignored).
 """
 from __future__ import annotations
 import argparse, datetime, hashlib, json, multiprocessing as mp, os, platform, sys, time, warnings
