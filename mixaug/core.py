@@ -382,7 +382,7 @@ def targets(self:Mix,
     if any(not y.is_floating_point() and not (p and self.exact) for y,p in zip(ys,pp)): return ys,True
     return tuple(blend(y, y[self.idx], self.weight(y, p)) for y,p in zip(ys,pp)),False
 
-# %% ../nbs/00_core.ipynb #51e21b00
+# %% ../nbs/00_core.ipynb #3f13e6a5
 @patch
 def loss(self:Mix,
     loss_func, # A loss that takes reduction= or has a reduction attribute, called as loss_func(pred, *ys)
