@@ -112,7 +112,7 @@ def _peek(dl):
         random.setstate(pst); np.random.set_state(nst)
 
 # %% ../nbs/02_semimix.ipynb #a8b0c7eb
-@delegates()
+@delegates(but=['per_position'])  # its targets are never mixed
 class SemiMix(MixHandler):
     "Blend each labeled sample with an unlabeled one, lam ~ Beta(`alpha`+1, `alpha`), and train on its own label (Huszár's form of mixup)"
     def __init__(self,
