@@ -266,6 +266,7 @@ class CutMixUp(MixHandler):
         self.per_sample = _check_bool(per_sample, 'per_sample')
 
     def lam_laws(self):
+        "Its two laws: MixUp's (folded) and CutMix's"
         n = type(self).__name__
         return [dict(label=f"{n} MixUp α={self.mixup_alpha:g}", alpha=self.mixup_alpha, beta=None, fold=True),
                 dict(label=f"{n} CutMix α={self.cutmix_alpha:g}", alpha=self.cutmix_alpha, beta=None, fold=False)]
