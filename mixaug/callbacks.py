@@ -5,6 +5,7 @@
 # %% ../nbs/01_callbacks.ipynb #c4adac72
 from __future__ import annotations
 import sys, random, functools
+from contextlib import contextmanager
 import numpy as np, torch
 from torch import Tensor
 from fastcore.basics import store_attr
@@ -101,6 +102,7 @@ def _check_per_position(v):
 class MixHandler(Callback):
     "Base for the mixing callbacks: draws a `Mix` for each training batch and applies it to inputs, targets and loss"
     run_valid,order = False,90  # runs after other callbacks' `before_batch`, so it mixes the batch they prepared
+    partner_xb,partner_name = None,None  # a subclass mixing with partners of its own: their inputs, and what to call them
     def __init__(self,
         p:float=1., # Probability of mixing a training batch
         stop_at:float=1., # Fraction of training after which batches are no longer mixed (timm's mixup_off_epoch)
@@ -122,6 +124,24 @@ class MixHandler(Callback):
     def draw(self, x:Tensor, generator) -> Mix:
         "The `Mix` for a batch whose first input is `x`, drawn with `generator`; each subclass draws its own"
         raise NotImplementedError
+
+    def lam_laws(self) -> list[dict]:
+        "The laws the lambdas are drawn from, each a `dict(label, alpha, beta, fold)` (beta None: alpha)"
+        if not hasattr(self, 'alpha'): raise TypeError(f"{type(self).__name__} has no `alpha`: it must override `lam_laws`")
+        a,fold = self.alpha,getattr(self, 'fold', False)
+        tail = ' (one per batch)' if getattr(self, 'per_batch', False) else ''
+        return [dict(label=f"{type(self).__name__} α={a:g}" + (', folded' if fold else '') + tail, alpha=a, beta=None, fold=fold)]
+
+    @contextmanager
+    def kept_state(self):
+        "Put back on exit this callback's attributes and the states of its generator and coin, even after an error"
+        d,gen,coin = dict(self.__dict__),self.generator,self.coin
+        gst,cst = (gen.get_state() if gen is not None else None),(coin.getstate() if coin is not None else None)
+        try: yield self
+        finally:  # attributes first: a generator or coin made on first use is then made again, the same way
+            self.__dict__.clear(); self.__dict__.update(d)
+            if gen is not None: gen.set_state(gst)
+            if coin is not None: coin.setstate(cst)
 
     def _gen(self, device):
         "The generator to draw with on `device`: the one given, else the callback's own when seeded or distributed"
@@ -244,6 +264,12 @@ class CutMixUp(MixHandler):
         self.mixup_alpha,self.cutmix_alpha = check_alpha(mixup_alpha, 'mixup_alpha'),check_alpha(cutmix_alpha, 'cutmix_alpha')
         self.switch_prob = check_prob(switch_prob, 'switch_prob', 'the probability of CutMix')
         self.per_sample = _check_bool(per_sample, 'per_sample')
+
+    def lam_laws(self):
+        "Its two laws: MixUp's (folded) and CutMix's"
+        n = type(self).__name__
+        return [dict(label=f"{n} MixUp α={self.mixup_alpha:g}", alpha=self.mixup_alpha, beta=None, fold=True),
+                dict(label=f"{n} CutMix α={self.cutmix_alpha:g}", alpha=self.cutmix_alpha, beta=None, fold=False)]
 
     def draw(self, x, generator):
         if self.per_sample: return draw_cutmixup(x, self.mixup_alpha, self.cutmix_alpha, self.switch_prob, generator=generator)

@@ -6,6 +6,9 @@
 from __future__ import annotations
 import math, operator, random, re, warnings
 from collections import namedtuple
+from fastcore.basics import patch
+from fastcore.meta import delegates
+from scipy import stats
 from contextlib import contextmanager
 import numpy as np, pandas as pd, torch
 from torch import Tensor
@@ -19,8 +22,7 @@ from .core import *
 from .callbacks import MixHandler, MixUp, CutMix, CutMixUp
 
 # %% auto #0
-__all__ = ['MixedBatch', 'mixing_cbs', 'mixed_batch', 'mix_titles', 'show_mix', 'beta_pdf', 'lam_pdf', 'lam_laws', 'plot_lam',
-           'LogMixes']
+__all__ = ['MixedBatch', 'mixing_cbs', 'mixed_batch', 'mix_titles', 'show_mix', 'lam_pdf', 'plot_lam', 'LogMixes']
 
 # %% ../nbs/03_show.ipynb #713e6719
 def mixing_cbs(
@@ -66,24 +68,17 @@ def _kept(obj, *names):
             else: obj.__dict__[n] = v
 
 @contextmanager
-def _state_kept(cb, dl):
-    "Put back on exit the attributes of `cb` and `dl` and every random state a mixing step can touch, even after an error"
-    sub = getattr(cb, '_dl', None)  # a stream of partners of the callback's own (SemiMix's unlabelled loader)
-    dicts = [(o, dict(o.__dict__)) for o in (cb, dl, sub) if hasattr(o, '__dict__')]
-    rngs = [(o, o.rng, o.rng.getstate()) for o in (dl, sub, getattr(sub, 'shuffle_fn', None))
-            if isinstance(getattr(o, 'rng', None), random.Random)]
-    gen,coin = cb.generator,cb.coin
-    gst,cst = gen.get_state() if gen is not None else None,coin.getstate() if coin is not None else None
+def _loader_kept(dl):
+    "Put back on exit the attributes and random state of loader `dl` and the global random states, even after an error"
+    d = dict(dl.__dict__) if hasattr(dl, '__dict__') else None
+    rngs = [(o, o.rng, o.rng.getstate()) for o in (dl, getattr(dl, 'shuffle_fn', None)) if isinstance(getattr(o, 'rng', None), random.Random)]
     pst,nst = random.getstate(),np.random.get_state()
     devs = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:
         with torch.random.fork_rng(devices=devs): yield
     finally:
-        # Attributes first (a generator or coin the callback makes on first use is then made again, the same way)
-        for o,d in dicts: o.__dict__.clear(); o.__dict__.update(d)
+        if d is not None: dl.__dict__.clear(); dl.__dict__.update(d)
         for o,r,st in rngs: r.setstate(st); o.rng = r
-        if gen is not None: gen.set_state(gst)
-        if coin is not None: coin.setstate(cst)
         random.setstate(pst); np.random.set_state(nst)
 
 # %% ../nbs/03_show.ipynb #c13c6cf8
@@ -99,17 +94,14 @@ def mixed_batch(
 ) -> MixedBatch:
     "Run only `cb.before_batch` on batch `b`, as training would, and return what it made; `learn` and `cb` are left as they were"
     cb,dl = _pick_cb(learn, cb),learn.dls.train
-    with _kept(learn, 'xb', 'yb', 'training', 'pct_train'), _state_kept(cb, dl):
+    with _kept(learn, 'xb', 'yb', 'training', 'pct_train'), _loader_kept(dl), cb.kept_state():
         if b is None: b = dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl))  # fastai's, or a torch loader
         cb.__dict__['learn'] = learn  # a callback not (yet) in the learner can be previewed too
-        # A partner stream in the middle of a pass (SemiMix's) is left there: this step starts a pass of its own
-        for k in ('_it', '_rest'):
-            if k in cb.__dict__: cb.__dict__[k] = None
         learn.training,learn.pct_train = True,pct_train
         learn._split(b)
         xb0,yb0 = learn.xb,learn.yb
         cb.before_batch()
-        return MixedBatch(learn.xb, learn.yb, cb.mix, cb, xb0, yb0, getattr(cb, 'partner_xb', None))
+        return MixedBatch(learn.xb, learn.yb, cb.mix, cb, xb0, yb0, cb.partner_xb)
 
 # %% ../nbs/03_show.ipynb #388cb878
 def _vocab(learn, vocab=None):
@@ -234,10 +226,10 @@ def _wrap(t, width):
 
 # %% ../nbs/03_show.ipynb #b97d682f
 def _partner_x(mb):
-    "The input a `Mix`'s `idx` indexes, and a name for partners: SemiMix's `partner_xb` (unlabelled), else the batch's"
+    "The input a `Mix`'s `idx` indexes, and a name for partners: the callback's `partner_xb` and `partner_name`, else the batch's"
     p = mb.partner_xb
     if p is None: return mb.xb0[0],None
-    return (p[0] if isinstance(p, (tuple,list)) else p),('unlabelled' if getattr(mb.cb, 'unlabeled', None) is not None else 'partner')
+    return (p[0] if isinstance(p, (tuple,list)) else p),(mb.cb.partner_name or 'partner')
 
 # %% ../nbs/03_show.ipynb #7da30a10
 def _target_col(mb, n, vocab, partner):
@@ -333,23 +325,13 @@ def show_mix(
     return axs[:n*per]
 
 # %% ../nbs/03_show.ipynb #9155bdda
-def _learner_show_mix(self:Learner,
-    **kwargs # show_mix's arguments: b, cb, n, sources, ...
-):
+@patch
+@delegates(show_mix, but=['learn'])
+def show_mix(self:Learner, **kwargs):
     "Show a mixed training batch of this Learner: see `show_mix`"
-    return show_mix(self, **kwargs)
-Learner.show_mix = _learner_show_mix  # assigned, not `@patch`ed: the module's `show_mix` stays the function whatever `@patch` returns
+    return show_mix(self, **kwargs)  # the module's function: `@patch` gives back the global of the same name
 
 # %% ../nbs/03_show.ipynb #b4de752f
-def beta_pdf(
-    x, # Points in (0, 1), an array or a float
-    a:float, # First parameter of the Beta law
-    b:float, # Second parameter
-):
-    "Density of Beta(`a`, `b`) at `x` (an array in (0, 1))"
-    x = np.asarray(x, dtype=float)
-    return np.exp((a-1)*np.log(x) + (b-1)*np.log1p(-x) + math.lgamma(a+b) - math.lgamma(a) - math.lgamma(b))
-
 def lam_pdf(
     x, # Points in (0, 1), an array or a float
     alpha:float, # First parameter of the Beta law
@@ -358,24 +340,8 @@ def lam_pdf(
 ):
     "Density of lambda at `x`: Beta(`alpha`, `beta` or `alpha`), folded to [0.5, 1] by max(lam, 1-lam) if `fold`"
     beta = alpha if beta is None else beta
-    d = beta_pdf(x, alpha, beta)
-    return d + beta_pdf(1-np.asarray(x, dtype=float), alpha, beta) if fold else d
-
-# %% ../nbs/03_show.ipynb #8c3e7d7b
-def lam_laws(
-    cb:MixHandler, # A mixing callback
-) -> list[dict]:
-    "The laws of lambda a mixing callback draws from, as dicts of `label`, `alpha`, `beta`, `fold`"
-    name = type(cb).__name__
-    if isinstance(cb, CutMixUp): return [dict(label=f"{name} MixUp α={cb.mixup_alpha:g}", alpha=cb.mixup_alpha, beta=None, fold=True),
-                                         dict(label=f"{name} CutMix α={cb.cutmix_alpha:g}", alpha=cb.cutmix_alpha, beta=None, fold=False)]
-    if not hasattr(cb, 'alpha'): raise TypeError(f"`cb` must be a mixing callback with an `alpha`; got {cb!r}")
-    a,beta = cb.alpha,getattr(cb, 'beta', None)
-    if hasattr(cb, 'partner_xb'): a,beta = cb.alpha+1,cb.alpha  # SemiMix: Beta(alpha+1, alpha)
-    fold = getattr(cb, 'fold', False) and beta is None
-    tail = ' (one per batch)' if getattr(cb, 'per_batch', False) else ''
-    desc = f"Beta({a:g}, {beta:g})" if beta is not None else f"α={a:g}" + (', folded' if fold else '')
-    return [dict(label=f"{name} {desc}{tail}", alpha=a, beta=beta, fold=fold)]
+    x,law = np.asarray(x, dtype=float),stats.beta(alpha, beta)
+    return law.pdf(x) + law.pdf(1-x) if fold else law.pdf(x)
 
 # %% ../nbs/03_show.ipynb #d043808b
 def plot_lam(
@@ -395,7 +361,7 @@ def plot_lam(
             a = check_alpha(o)
             ls.append(dict(label=(f"Beta({a+1:g}, {a:g})" if asymmetric else f"α={a:g}") + (', folded' if fold and not asymmetric else ''),
                            alpha=a+1 if asymmetric else a, beta=a if asymmetric else None, fold=fold and not asymmetric))
-        elif isinstance(o, MixHandler): ls += lam_laws(o)
+        elif isinstance(o, MixHandler): ls += o.lam_laws()
         else: raise TypeError(f"`laws` must be alphas (numbers > 0) or mixing callbacks; got {o!r}")
     if ax is None: _,ax = plt.subplots(figsize=figsize)
     top = 0.
@@ -414,12 +380,11 @@ def plot_lam(
     return ax
 
 # %% ../nbs/03_show.ipynb #98d5c466
-def _cb_plot_lam(self:MixHandler,
-    **kwargs # plot_lam's arguments: samples, ax, figsize
-):
-    "Plot the law this callback draws its lambdas from: see `plot_lam`"
+@patch
+@delegates(plot_lam, but=['fold', 'asymmetric'])
+def plot_lam(self:MixHandler, **kwargs):
+    "Plot the laws this callback draws its lambdas from: see `plot_lam`"
     return plot_lam(self, **kwargs)
-MixHandler.plot_lam = _cb_plot_lam
 
 # %% ../nbs/03_show.ipynb #e19c11b5
 def _grid(x, nrow):
