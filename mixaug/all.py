@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #95d09c49
+# %% ../nbs/99_all.ipynb #b7720dc1
 from .core import NoneReduce, Mix, blend, draw_lam, draw_partners, draw_mixup, draw_cutmix, draw_cutmixup
 from .callbacks import MixHandler, MixUp, CutMix, CutMixUp
 from .semimix import SemiMix
 from .manifold import ManifoldMixup, eligible_points
 from .show import show_mix, mixed_batch, mix_titles, plot_lam, LogMixes
 
-# %% ../nbs/99_all.ipynb #edd0d4d5
+# %% ../nbs/99_all.ipynb #d5ce74c4
 __all__ = ['NoneReduce', 'Mix', 'blend', 'draw_lam', 'draw_partners', 'draw_mixup', 'draw_cutmix', 'draw_cutmixup',
            'MixHandler', 'MixUp', 'CutMix', 'CutMixUp', 'SemiMix', 'ManifoldMixup', 'eligible_points',
            'show_mix', 'mixed_batch', 'mix_titles', 'plot_lam', 'LogMixes']

@@ -26,10 +26,10 @@ __all__ = ['digits', 'digits_cnn', 'main']
 
 # %% ../nbs/04_demo.ipynb #46a8e442
 def digits(
-    n_train:int=1000, # Labelled training images, taken from the 1,300-image training pool
+    n_train:int=1000, # Labeled training images, taken from the 1,300-image training pool
     n_pool:int=1300, # Size of the training pool; the other 497 images are the test set
 ):
-    "scikit-learn's digits as `(x, y)` tensors: labelled training images, the rest of the pool (unlabelled), and the test set"
+    "scikit-learn's digits as `(x, y)` tensors: labeled training images, the rest of the pool (unlabeled), and the test set"
     from sklearn.datasets import load_digits
     X,y = load_digits(return_X_y=True)
     if not 1 <= n_train <= n_pool: raise ValueError(f"`n_train` must be between 1 and {n_pool} (the training pool); got {n_train!r}")
@@ -58,7 +58,7 @@ def main(
     alpha:float=1., # alpha of MixUp, CutMix and SemiMix
     out:str='mixaug_demo', # Folder for the picture of a mixed batch (made if missing)
     seed:int=0, # Seed of the weights, the shuffling and the mixing
-    n_train:int=1000, # Labelled training images (the rest of the 1,300-image pool is SemiMix's unlabelled data)
+    n_train:int=1000, # Labeled training images (the rest of the 1,300-image pool is SemiMix's unlabeled data)
     bs:int=64, # Batch size
     lr:float=1e-2, # Peak learning rate of the one-cycle schedule
     threads:int=2, # CPU threads for torch
@@ -83,7 +83,7 @@ def main(
         learners[name] = learn
     res = pd.DataFrame(rows)
     p = float(res.test_accuracy[0])
-    print(f"\nTest accuracy on {len(test[1])} digits after {epochs} epochs ({len(train[1])} labelled training images, "
+    print(f"\nTest accuracy on {len(test[1])} digits after {epochs} epochs ({len(train[1])} labeled training images, "
           f"alpha={alpha:g}, seed {seed}):\n")
     print(res.drop(columns='seconds' if quiet else []).round(dict(test_accuracy=4, seconds=1)).to_string(index=False))
     print(f"\nStandard error of an accuracy near {p:.3f} on this test set: {math.sqrt(p*(1-p)/len(test[1])):.3f}; "

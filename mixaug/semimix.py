@@ -4,6 +4,7 @@
 
 # %% ../nbs/02_semimix.ipynb #277fb710
 from __future__ import annotations
+from contextlib import contextmanager
 import random
 import numpy as np
 import torch
@@ -188,6 +189,29 @@ class SemiMix(MixHandler):
         self.learn.xb = tuple(blend(o, p[idx], self.mix.weight(o)) for o,p in zip(self.xb, self.partner_xb))
 
     def after_pred(self): "Never swaps the loss: the objective is the user's loss on each sample's own target"
+
+    @property
+    def partner_name(self) -> str|None:
+        "What the partners are called in titles: 'unlabeled' when they come from `unlabeled`, else None (the batch's)"
+        return 'unlabeled' if self.unlabeled is not None else None
+
+    def lam_laws(self) -> list[dict]:
+        "Its one law: Beta(alpha+1, alpha)"
+        a = self.alpha
+        return [dict(label=f"{type(self).__name__} Beta({a+1:g}, {a:g})", alpha=a+1, beta=a, fold=False)]
+
+    @contextmanager
+    def kept_state(self):
+        "`MixHandler.kept_state`, and the unlabeled stream too: a preview starts a pass of its own and leaves the stream as it was"
+        dl = self._dl
+        d = dict(dl.__dict__) if dl is not None else None
+        rngs = [(o, o.rng.getstate()) for o in (dl, getattr(dl, 'shuffle_fn', None)) if isinstance(getattr(o, 'rng', None), random.Random)]
+        with super().kept_state():
+            self._it,self._rest = None,None
+            try: yield self
+            finally:
+                if dl is not None: dl.__dict__.clear(); dl.__dict__.update(d)
+                for o,st in rngs: o.rng.setstate(st)
 
     def __getstate__(self):
         "Without the stream's loader and position (a generator can't be pickled), so that `learn.export` works"

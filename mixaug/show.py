@@ -149,7 +149,7 @@ def mix_titles(
     y0:Tensor|None, # The batch's first target before mixing
     y:Tensor|None=None, # The first target after mixing (used for soft targets and values); default computed from mix
     vocab:list|None=None, # Class names; default the integers
-    partner:str|None=None, # Name for every partner, e.g. 'unlabelled' when partners have no label
+    partner:str|None=None, # Name for every partner, e.g. 'unlabeled' when partners have no label
 ) -> list[str]:
     "One title per sample: its sources and weights, '3 ×0.72 + 7 ×0.28', with '(box)' where a CutMix box was pasted"
     n = len(y0) if y0 is not None else len(mix.idx)
@@ -290,7 +290,7 @@ def show_mix(
     if not (x.ndim==4 and x.shape[1] in (1,3)): return _mix_table(learn, mb, n, _vocab(learn, vocab))
     px,name = _partner_x(mb)
     seg = isinstance(y0, Tensor) and not y0.is_floating_point() and y0.ndim==3  # a mask per sample, (n, h, w)
-    if seg:  # the mask as mixed: pasted with the box, else the dominant source's (SemiMix keeps the labelled one's)
+    if seg:  # the mask as mixed: pasted with the box, else the dominant source's (SemiMix keeps the labeled one's)
         codes = _codes(learn, y0, vocab)
         masks = mb.yb[0] if mb.mix is None or mb.partner_xb is not None else mb.mix(y0)
     vocab = _vocab(learn, vocab)
@@ -321,7 +321,12 @@ def show_mix(
             j,k = int(mb.mix.idx[i]),i*per+1+seg
             _show_img(own[i], axs[k], fit(f"own: {ts[i].split(' ×')[0]}", axs[k]), fontsize)
             _show_img(other[i], axs[k+1], f"{name or 'partner'} #{j}", fontsize)
-    axs[0].figure.tight_layout()
+    where = getattr(mb.mix, 'mixed_module', None)  # ManifoldMixup's: the inputs are shown, the mix happens inside the model
+    if where is not None:
+        axs[0].figure.suptitle(f"{type(mb.cb).__name__} mixes inside the model, at {where!r}: the inputs, with partners and weights",
+                               fontsize=fontsize)
+        axs[0].figure.tight_layout(rect=(0, 0, 1, .94))
+    else: axs[0].figure.tight_layout()
     return axs[:n*per]
 
 # %% ../nbs/03_show.ipynb #9155bdda

@@ -25,7 +25,7 @@ from fastai.torch_core import set_seed
 from mixaug.callbacks import MixUp, CutMix, CutMixUp
 
 # Every sample carries its identity: global sample `g` is 1 in channel `g` and 0 elsewhere (4x4 pixels, so CutMix
-# can cut boxes). Ids 0-23 are the labelled training set, 24-31 validation, 32-63 unlabelled (for SemiMix).
+# can cut boxes). Ids 0-23 are the labeled training set, 24-31 validation, 32-63 unlabeled (for SemiMix).
 N_TRAIN,N_VALID,N_UNLAB,K,BS = 24,8,32,4,4
 C = N_TRAIN+N_VALID+N_UNLAB
 X = torch.eye(C).view(C,C,1,1).expand(C,C,4,4).contiguous()
@@ -92,7 +92,7 @@ def scenarios():
     try: from mixaug.semimix import SemiMix
     except ImportError as e: print(f"mixaug.semimix not importable ({e}): SemiMix not run", file=sys.stderr)
     else:
-        unlab = lambda: DataLoader([X[i] for i in UNLAB], bs=BS)  # every process gets the whole unlabelled set
+        unlab = lambda: DataLoader([X[i] for i in UNLAB], bs=BS)  # every process gets the whole unlabeled set
         res['semimix'] = (lambda: SemiMix(unlab(), alpha=.4),{})
     return res
 

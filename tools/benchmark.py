@@ -228,7 +228,7 @@ def gpu_sync_check(device='cuda', bs=64, n_batches=4):
     cbs = {'MixUp': lambda: MixUp(), 'MixUp per_batch p=0.5': lambda: MixUp(per_batch=True, p=.5, seed=0),
            'CutMix': lambda: CutMix(), 'CutMix per_batch': lambda: CutMix(per_batch=True),
            'CutMixUp': lambda: CutMixUp(seed=0), 'CutMixUp per_sample': lambda: CutMixUp(per_sample=True, seed=1),
-           'SemiMix': lambda: SemiMix(), 'SemiMix unlabelled': lambda: SemiMix(DataLoader(x[:2*bs].cpu(), bs=bs, shuffle=True, device=device))}
+           'SemiMix': lambda: SemiMix(), 'SemiMix unlabeled': lambda: SemiMix(DataLoader(x[:2*bs].cpu(), bs=bs, shuffle=True, device=device))}
     res = {}
     for k,f in cbs.items():
         dls = DataLoaders(ViewDLs(x, y, bs), ViewDLs(x[:bs], y[:bs], bs), device=device)
