@@ -203,7 +203,14 @@ def blend(
     if not t.is_floating_point(): return torch.where(w>=0.5, t, other)
     w = w.to(t.dtype)
     # A convex sum, `(other - w*other) + w*t`: no term is larger than its input, where lerp's `t-other` can overflow
-    return torch.addcmul(torch.addcmul(other, other, w, value=-1), t, w)
+    return torch.addcmul(other, other, w, value=-1).addcmul_(t, w)
+
+def _blend_fresh(t:Tensor, other:Tensor, w:Tensor) -> Tensor:
+    "`blend` written into `other`, a new tensor of the caller's own (a gather): one batch of memory instead of two"
+    if w.dtype==torch.bool or not t.is_floating_point() or other.shape!=t.shape: return blend(t, other, w)
+    if torch.is_grad_enabled() and (t.requires_grad or other.requires_grad): return blend(t, other, w)  # autograd's copy
+    w = w.to(t.dtype)
+    return other.addcmul_(other, w, value=-1).addcmul_(t, w)
 
 # %% ../nbs/00_core.ipynb #77070282
 def _boxes(area:Tensor, ctr:Tensor) -> tuple[Tensor,Tensor]:
@@ -366,9 +373,11 @@ class Mix:
 @patch
 def __call__(self:Mix,
     t, # A tensor of the batch (anything else is returned as is)
+    partners:Tensor|None=None, # The partners' source, if not the batch itself (SemiMix's unlabeled inputs)
 ):
     "A new tensor: `t` mixed with its partners (floats interpolated or pasted, integers from the dominant source)"
-    return blend(t, t[self.idx], self.weight(t)) if isinstance(t, Tensor) else t
+    if not isinstance(t, Tensor): return t
+    return _blend_fresh(t, (t if partners is None else partners)[self.idx], self.weight(t))  # the gather is ours to write
 
 # %% ../nbs/00_core.ipynb #26d4ca97
 @patch
@@ -380,7 +389,7 @@ def targets(self:Mix,
     pp = self._positions(ys)
     # An integer target can't be interpolated: it is mixed only where each position shows one source (every sample cut)
     if any(not y.is_floating_point() and not (p and self.exact) for y,p in zip(ys,pp)): return ys,True
-    return tuple(blend(y, y[self.idx], self.weight(y, p)) for y,p in zip(ys,pp)),False
+    return tuple(_blend_fresh(y, y[self.idx], self.weight(y, p)) for y,p in zip(ys,pp)),False
 
 # %% ../nbs/00_core.ipynb #3f13e6a5
 @patch

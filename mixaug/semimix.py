@@ -185,8 +185,8 @@ class SemiMix(MixHandler):
         if self.unlabeled is None: self.partner_xb,idx = self.xb,draw_partners(n, x.device, gen)
         else: self.partner_xb,idx = self._take(self.xb),torch.arange(n, device=x.device)
         self.mix = Mix(idx, draw_lam(n, self.alpha+1, self.alpha, device=x.device, generator=gen))
-        # `p[idx]` is a new tensor, so `blend` never writes into the batch nor the unlabeled data
-        self.learn.xb = tuple(blend(o, p[idx], self.mix.weight(o)) for o,p in zip(self.xb, self.partner_xb))
+        # `mix` gathers the partners into a new tensor and blends there: neither the batch nor the unlabeled data is written
+        self.learn.xb = tuple(self.mix(o, p) for o,p in zip(self.xb, self.partner_xb))
 
     def after_pred(self): "Never swaps the loss: the objective is the user's loss on each sample's own target"
 
