@@ -8,14 +8,13 @@ import sys, random, functools
 from contextlib import contextmanager
 import numpy as np, torch
 from torch import Tensor
-from fastcore.basics import store_attr
 from fastcore.meta import delegates
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .core import *
 
 # %% auto #0
-__all__ = ['rank_world', 'MixHandler', 'MixUp', 'CutMix', 'CutMixUp']
+__all__ = ['rank_world', 'loader_kept', 'MixHandler', 'MixUp', 'CutMix', 'CutMixUp']
 
 # %% ../nbs/01_callbacks.ipynb #bf1a78da
 def _event_frame():
@@ -74,6 +73,20 @@ def _broadcast_from_rank0(o):
     res = [o]
     torch.distributed.broadcast_object_list(res, src=0)
     return res[0]
+
+@contextmanager
+def loader_kept(dl):
+    "Put back on exit the attributes and random state of loader `dl`, and the global random states, even after an error"
+    d = dict(dl.__dict__) if hasattr(dl, '__dict__') else None
+    rngs = [(o, o.rng, o.rng.getstate()) for o in (dl, getattr(dl, 'shuffle_fn', None)) if isinstance(getattr(o, 'rng', None), random.Random)]
+    pst,nst = random.getstate(),np.random.get_state()
+    devs = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []  # no new CUDA context
+    try:
+        with torch.random.fork_rng(devices=devs): yield
+    finally:
+        if d is not None: dl.__dict__.clear(); dl.__dict__.update(d)
+        for o,r,st in rngs: r.setstate(st); o.rng = r
+        random.setstate(pst); np.random.set_state(nst)
 
 # %% ../nbs/01_callbacks.ipynb #dd20dc46
 def _check_bool(v, name:str) -> bool:

@@ -10,8 +10,8 @@ from torch import Tensor
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['NoneReduce', 'as_real', 'check_alpha', 'check_prob', 'draw_lam', 'draw_partners', 'blend', 'Mix', 'draw_mixup',
-           'draw_cutmix', 'draw_cutmixup']
+__all__ = ['NoneReduce', 'as_real', 'check_alpha', 'check_prob', 'check_count', 'draw_lam', 'draw_partners', 'blend', 'Mix',
+           'draw_mixup', 'draw_cutmix', 'draw_cutmixup']
 
 # %% ../nbs/00_core.ipynb #ea762772
 def _takes_reduction(f):
@@ -90,13 +90,18 @@ def _draw(fn, *shape, device=None, generator=None):
         return fn(*shape, device=device or (generator.device if generator is not None else None), generator=generator)
     return fn(*shape, device=generator.device, generator=generator).to(device, non_blocking=True)
 
-def _check_n(n, name='n') -> int:
-    "`n` as an int if it is a whole number >= 1 (Python's, numpy's or a 0-d integer tensor), else an error naming `name`"
-    try: v = operator.index(n) if not isinstance(n, bool) else None
-    except TypeError: v = None
-    if v is None: raise TypeError(f"`{name}` must be a whole number of samples >= 1; got {n!r} ({type(n).__name__})")
-    if v < 1: raise ValueError(f"`{name}` must be a whole number of samples >= 1; got {n!r}")
-    return v
+def check_count(
+    v, # The value given: a Python or numpy integer, or a 0-d integer tensor
+    name:str, # The argument's name, for the error message
+    what:str='a number of samples', # What the count is, for the error message
+) -> int:
+    "`v` as an int >= 1 (not a bool), else an error naming `name`"
+    msg = f"`{name}` is {what}, an int >= 1; got {v!r}"
+    try: i = None if isinstance(v, bool) or (isinstance(v, Tensor) and v.ndim) else operator.index(v)
+    except TypeError: i = None  # a float, a string, a float tensor...
+    if i is None: raise TypeError(f"{msg} ({type(v).__name__})")
+    if i < 1: raise ValueError(msg)
+    return i
 
 @functools.lru_cache(maxsize=64)
 def _const(v, device) -> Tensor:
@@ -171,7 +176,7 @@ def draw_lam(
     generator=None, # A torch.Generator, for reproducible draws
 ) -> Tensor:
     "`n` lambdas from Beta(`alpha`, `beta`), drawn on `device` with no host sync"
-    n,alpha = _check_n(n),check_alpha(alpha)
+    n,alpha = check_count(n, 'n'),check_alpha(alpha)
     beta = alpha if beta is None else check_alpha(beta, 'beta')
     rows = _lam_rows(alpha, beta)
     u = None if rows is None else _draw(torch.rand, rows, n, device=device, generator=generator)
@@ -190,7 +195,7 @@ def draw_partners(
     generator=None, # A torch.Generator, for reproducible draws
 ) -> Tensor:
     "A random permutation `idx`: sample `i` mixes with sample `idx[i]`, never itself when `n > 1`"
-    return _cycle(_draw(torch.rand, _check_n(n), device=device, generator=generator))
+    return _cycle(_draw(torch.rand, check_count(n, 'n'), device=device, generator=generator))
 
 # %% ../nbs/00_core.ipynb #ec2975ee
 def blend(
@@ -420,7 +425,7 @@ def draw_mixup(
     generator=None, # A torch.Generator, for reproducible draws
 ) -> Mix:
     "A MixUp `Mix` for `n` samples: partners and Beta lambdas from one `torch.rand` call"
-    n,alpha = _check_n(n),check_alpha(alpha)
+    n,alpha = check_count(n, 'n'),check_alpha(alpha)
     beta = alpha if beta is None else check_alpha(beta, 'beta')
     m,rows = (1 if per_batch else n),_lam_rows(alpha, beta)
     u = _draw(torch.rand, 1+(rows or 0), n, device=device, generator=generator)  # partners and lambdas in one draw

@@ -4,18 +4,16 @@
 
 # %% ../nbs/02_semimix.ipynb #277fb710
 from __future__ import annotations
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import random
-import numpy as np
 import torch
 from fastcore.meta import delegates
-from torch import Tensor
 from torch.utils.data import IterableDataset
 from fastai.data.load import DataLoader
 from fastai.data.core import Datasets, TfmdLists, test_set
 from fastai.tabular.core import Tabular, TabDataLoader
 from .core import *
-from .callbacks import MixHandler, rank_world
+from .callbacks import MixHandler, rank_world, loader_kept
 
 # %% auto #0
 __all__ = ['SemiMix']
@@ -102,15 +100,8 @@ def _check_partner(xu:tuple, xb:tuple):
             f"{dt(u)} but the labeled input {i} has {shape(x)}, {dt(x)}")
 
 def _peek(dl):
-    "`dl.one_batch()`, putting back the random states drawing it touches: the loader's, Python's, numpy's and torch's"
-    rng,pst,nst = getattr(dl, 'rng', None),random.getstate(),np.random.get_state()
-    st = rng.getstate() if isinstance(rng, random.Random) else None
-    devs = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    try:
-        with torch.random.fork_rng(devices=devs): return dl.one_batch()
-    finally:
-        if st is not None: dl.rng = rng; rng.setstate(st)
-        random.setstate(pst); np.random.set_state(nst)
+    "`dl.one_batch()`, putting back the loader and the random states drawing it touches"
+    with loader_kept(dl): return dl.one_batch()
 
 # %% ../nbs/02_semimix.ipynb #a8b0c7eb
 @delegates(but=['per_position'])  # its targets are never mixed
@@ -203,15 +194,9 @@ class SemiMix(MixHandler):
     @contextmanager
     def kept_state(self):
         "`MixHandler.kept_state`, and the unlabeled stream too: a preview starts a pass of its own and leaves the stream as it was"
-        dl = self._dl
-        d = dict(dl.__dict__) if dl is not None else None
-        rngs = [(o, o.rng.getstate()) for o in (dl, getattr(dl, 'shuffle_fn', None)) if isinstance(getattr(o, 'rng', None), random.Random)]
-        with super().kept_state():
+        with super().kept_state(), (loader_kept(self._dl) if self._dl is not None else nullcontext()):
             self._it,self._rest = None,None
-            try: yield self
-            finally:
-                if dl is not None: dl.__dict__.clear(); dl.__dict__.update(d)
-                for o,st in rngs: o.rng.setstate(st)
+            yield self
 
     def __getstate__(self):
         "Without the stream's loader and position (a generator can't be pickled), so that `learn.export` works"

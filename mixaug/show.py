@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_show.ipynb #232d29c8
 from __future__ import annotations
-import math, operator, random, re, warnings
+import math, re, warnings
 from collections import namedtuple
 from fastcore.basics import patch
 from fastcore.meta import delegates
@@ -19,7 +19,7 @@ from fastai.learner import Learner
 from fastai.torch_core import show_image, TensorBase, TensorMultiCategory
 from fastai.vision.data import get_grid
 from .core import *
-from .callbacks import MixHandler, MixUp, CutMix, CutMixUp
+from .callbacks import MixHandler, loader_kept
 
 # %% auto #0
 __all__ = ['MixedBatch', 'mixing_cbs', 'mixed_batch', 'mix_titles', 'show_mix', 'lam_pdf', 'plot_lam', 'LogMixes']
@@ -45,15 +45,6 @@ def _pick_cb(learn, cb=None):
                                     "pass the one to show as `cb=`")
     return cbs[0]
 
-def _count(v, name:str, what:str) -> int:
-    "`v` as an int >= 1 (Python's, numpy's or a 0-d tensor's; not a bool), else an error naming `name`"
-    msg = f"`{name}` is {what}, an int >= 1; got {v!r}"
-    try: i = None if isinstance(v, bool) or (isinstance(v, Tensor) and v.ndim) else operator.index(v)
-    except TypeError: i = None  # a float, a string, a float tensor...
-    if i is None: raise TypeError(f"{msg} ({type(v).__name__})")
-    if i < 1: raise ValueError(msg)
-    return i
-
 # %% ../nbs/03_show.ipynb #cf77b9c5
 _MISSING = object()
 
@@ -66,20 +57,6 @@ def _kept(obj, *names):
         for n,v in old.items():
             if v is _MISSING: obj.__dict__.pop(n, None)
             else: obj.__dict__[n] = v
-
-@contextmanager
-def _loader_kept(dl):
-    "Put back on exit the attributes and random state of loader `dl` and the global random states, even after an error"
-    d = dict(dl.__dict__) if hasattr(dl, '__dict__') else None
-    rngs = [(o, o.rng, o.rng.getstate()) for o in (dl, getattr(dl, 'shuffle_fn', None)) if isinstance(getattr(o, 'rng', None), random.Random)]
-    pst,nst = random.getstate(),np.random.get_state()
-    devs = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devs): yield
-    finally:
-        if d is not None: dl.__dict__.clear(); dl.__dict__.update(d)
-        for o,r,st in rngs: r.setstate(st); o.rng = r
-        random.setstate(pst); np.random.set_state(nst)
 
 # %% ../nbs/03_show.ipynb #c13c6cf8
 MixedBatch = namedtuple('MixedBatch', 'xb yb mix cb xb0 yb0 partner_xb')
@@ -94,7 +71,7 @@ def mixed_batch(
 ) -> MixedBatch:
     "Run only `cb.before_batch` on batch `b`, as training would, and return what it made; `learn` and `cb` are left as they were"
     cb,dl = _pick_cb(learn, cb),learn.dls.train
-    with _kept(learn, 'xb', 'yb', 'training', 'pct_train'), _loader_kept(dl), cb.kept_state():
+    with _kept(learn, 'xb', 'yb', 'training', 'pct_train'), loader_kept(dl), cb.kept_state():
         if b is None: b = dl.one_batch() if hasattr(dl, 'one_batch') else next(iter(dl))  # fastai's, or a torch loader
         cb.__dict__['learn'] = learn  # a callback not (yet) in the learner can be previewed too
         learn.training,learn.pct_train = True,pct_train
@@ -283,7 +260,7 @@ def show_mix(
     **kwargs # Passed to mixed_batch: pct_train
 ):
     "Show `n` mixed training samples as the model sees them, titled with sources and weights (and masks); a DataFrame for non-image inputs"
-    n = _count(n, 'n', 'the number of samples to show')
+    n = check_count(n, 'n', 'the number of samples to show')
     mb = mixed_batch(learn, b, cb, **kwargs)
     x,x0,y0 = mb.xb[0],mb.xb0[0],(mb.yb0[0] if mb.yb0 else None)
     n = min(n, len(x))
@@ -408,7 +385,7 @@ class LogMixes(Callback):
         logger=None, # Anything with TensorBoard's add_image(tag, img, step); default the Learner's TensorBoard or W&B callback
         cb:MixHandler|None=None, # The mixing callback to follow; default the one in learn.cbs
     ):
-        every,n,nrow = _count(every, 'every', 'a number of batches'),_count(n, 'n', 'the number of samples in a grid'),_count(nrow, 'nrow', 'the number of images per row')
+        every,n,nrow = check_count(every, 'every', 'a number of batches'),check_count(n, 'n', 'the number of samples in a grid'),check_count(nrow, 'nrow', 'the number of images per row')
         if cb is not None: _pick_cb(None, cb)  # a mixing callback, or an error naming `cb`
         self.every,self.n,self.nrow,self.logger,self.mix_cb = every,n,nrow,logger,cb
         self.warned,self.n_logged = False,0

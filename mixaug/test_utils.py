@@ -5,7 +5,6 @@
 # %% ../nbs/97_test_utils.ipynb #2e7f7fed
 from __future__ import annotations
 import torch, torch.nn as nn
-from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 import numpy as np
 from scipy import stats
