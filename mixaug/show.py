@@ -201,6 +201,19 @@ def _wrap(t, width):
         else: lines.append(p)
     return '\n'.join(lines)
 
+def _fit_titles(axs) -> bool:
+    "Break each title that overlaps another title or panel, as drawn, before its ' + ' and ' = '; whether any was broken"
+    axs[0].figure.draw_without_rendering()  # places titles and applies the images' aspect
+    ts = {a: a.title.get_window_extent() for a in axs if a.get_title()}
+    ims,broke = {a: a.get_window_extent() for a in axs},False
+    for a,t in ts.items():
+        if not any(t.overlaps(o) for b,o in [*ts.items(), *ims.items()] if b is not a): continue
+        lines = a.get_title().split('\n')
+        n = max(map(len, lines))  # characters in the widest line, drawn t.width wide: lines of the panel's width hold
+        a.title.set_text(_wrap(' '.join(lines), max(8, min(n, int(n*ims[a].width/max(t.width, 1))))))
+        broke = True  # laid out again: a title taller than the gap above is spaced by the layout
+    return broke
+
 # %% ../nbs/03_show.ipynb #b97d682f
 def _partner_x(mb):
     "The input a `Mix`'s `idx` indexes, and a name for partners: the callback's `partner_xb` and `partner_name`, else the batch's"
@@ -298,12 +311,13 @@ def show_mix(
             j,k = int(mb.mix.idx[i]),i*per+1+seg
             _show_img(own[i], axs[k], fit(f"own: {ts[i].split(' ×')[0]}", axs[k]), fontsize)
             _show_img(other[i], axs[k+1], f"{name or 'partner'} #{j}", fontsize)
-    where = getattr(mb.mix, 'mixed_module', None)  # ManifoldMixup's: the inputs are shown, the mix happens inside the model
+    fig,where = axs[0].figure,getattr(mb.mix, 'mixed_module', None)  # ManifoldMixup's: the mix happens inside the model
     if where is not None:
-        axs[0].figure.suptitle(f"{type(mb.cb).__name__} mixes inside the model, at {where!r}: the inputs, with partners and weights",
-                               fontsize=fontsize)
-        axs[0].figure.tight_layout(rect=(0, 0, 1, .94))
-    else: axs[0].figure.tight_layout()
+        fig.suptitle(f"{type(mb.cb).__name__} mixes inside the model, at {where!r}: the inputs, with partners and weights",
+                     fontsize=fontsize)
+    def layout(): fig.tight_layout(rect=(0, 0, 1, .94) if where is not None else (0, 0, 1, 1))
+    layout()
+    if _fit_titles(axs[:n*per]): layout()
     return axs[:n*per]
 
 # %% ../nbs/03_show.ipynb #9155bdda
