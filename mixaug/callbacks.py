@@ -180,6 +180,11 @@ class MixHandler(Callback):
         if v is not self.__dict__.get('learn'): self._retire()
         self.__dict__['learn'] = v
 
+    def _user_loss(self):
+        "The learner's loss: `learn.loss_func`, or the user's loss under a mixing callback's stand-in"
+        lf = self.learn.loss_func
+        return lf.loss_func if isinstance(lf, _MixedLoss) else lf
+
     def _retire(self):
         "Put the user's loss back if this callback's stand-in is on its learner"
         if self.__dict__.get('_stand_in') is not None: self._stand_in.retire()
@@ -208,8 +213,9 @@ class MixHandler(Callback):
         if isinstance(lf, _MixedLoss) and lf.live and (self.mix_loss or any(a is not b for a,b in zip(yb, self.yb))):
             lf.retire(); raise ValueError(
                 f"{type(lf.cb).__name__} and {type(self).__name__} both mix this batch's targets, and {type(lf.cb).__name__} mixes "
-                "the loss (class-index targets): their objectives can't be composed. Use one of them (CutMixUp chooses MixUp or "
-                "CutMix per batch or per sample), or float (one-hot) targets, which both mix exactly")
+                "the loss (class indices, or float targets under a loss not linear in them): their objectives can't be composed. "
+                "Use one of them (CutMixUp chooses MixUp or CutMix per batch or per sample), or one-hot targets with a "
+                "cross-entropy, which both mix exactly")
         # Swapped here, not in `after_pred`: every call of the loss from now to the end of the batch is the mixed objective
         if self.mix_loss and f is not None: self._stand_in = self.learn.loss_func = _MixedLoss(self, self.learn, lf, self.mix, f.f_back)
 
@@ -218,7 +224,7 @@ class MixHandler(Callback):
         self.mix = self.draw(self.xb[0], generator)
         self.mix.per_position = self.per_position
         self.learn.xb = tuple(self.mix(o) for o in self.xb)
-        self.learn.yb,self.mix_loss = self.mix.targets(self.yb)
+        self.learn.yb,self.mix_loss = self.mix.targets(self.yb, self._user_loss())
 
     def after_pred(self): "Nothing to do: the loss was swapped in `before_batch`"
 

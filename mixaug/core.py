@@ -5,7 +5,7 @@
 # %% ../nbs/00_core.ipynb #c72860fa
 from __future__ import annotations
 import math, inspect, functools, numbers, operator, sys
-import torch
+import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 
@@ -19,6 +19,23 @@ def _takes_reduction(f):
     try: ps = inspect.signature(f).parameters.values()
     except (TypeError, ValueError): return False
     return any(p.name=='reduction' or p.kind==p.VAR_KEYWORD for p in ps)
+
+def _per_sample(loss_func) -> bool:
+    "Whether `NoneReduce` can turn `loss_func`'s reduction off: a `reduction` attribute or a `reduction=` argument"
+    return hasattr(loss_func, 'reduction') or _takes_reduction(loss_func)
+
+# Losses linear in a float target t (cross-entropy and binary cross-entropy, with weights, pos_weight or label
+# smoothing): lam*L(t1) + (1-lam)*L(t2) = L(lam*t1 + (1-lam)*t2), so interpolating the targets is the exact objective
+_LINEAR_MODULES = (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.BCELoss, nn.MultiLabelSoftMarginLoss)
+_LINEAR_FUNCS = (F.cross_entropy, F.binary_cross_entropy_with_logits, F.binary_cross_entropy, F.multilabel_soft_margin_loss)
+
+def _linear_in_target(loss_func) -> bool:
+    "Whether `loss_func` is linear in its float targets, seen through `functools.partial` and fastai's loss wrappers (`.func`)"
+    for _ in range(8):  # a wrapper of a wrapper...
+        if isinstance(loss_func, _LINEAR_MODULES) or any(loss_func is f for f in _LINEAR_FUNCS): return True
+        loss_func = getattr(loss_func, 'func', None)
+        if loss_func is None: return False
+    return False
 
 # %% ../nbs/00_core.ipynb #0ac91b9d
 class NoneReduce:
@@ -388,12 +405,17 @@ def __call__(self:Mix,
 @patch
 def targets(self:Mix,
     ys:tuple, # The batch's targets, each a tensor with one row per sample
+    loss_func=None, # The loss they are for; None: any loss
 ) -> tuple[tuple,bool]:
-    "The targets the loss sees and whether it must be `Mix.loss`: all mixed if every one can be, else all as given"
+    "The targets the loss sees and whether it must be `Mix.loss`: all mixed if that is exact for `loss_func`, else all as given"
     ys = tuple(ys)
     pp = self._positions(ys)
-    # An integer target can't be interpolated: it is mixed only where each position shows one source (every sample cut)
-    if any(not y.is_floating_point() and not (p and self.exact) for y,p in zip(ys,pp)): return ys,True
+    pasted = [bool(p and self.exact) for p in pp]  # each position shows one source: exact for any loss
+    if not all(o or y.is_floating_point() for o,y in zip(pasted, ys)): return ys,True  # integers are never interpolated
+    # Interpolated float targets are exact for a loss linear in them; for a loss that can't be computed per sample
+    # they are the mixup paper's targets, the one option left
+    lerp = loss_func is not None and (_linear_in_target(loss_func) or not _per_sample(loss_func))
+    if not (all(pasted) or lerp): return ys,True
     return tuple(_blend_fresh(y, y[self.idx], self.weight(y, p)) for y,p in zip(ys,pp)),False
 
 # %% ../nbs/00_core.ipynb #3f13e6a5

@@ -131,7 +131,7 @@ class ManifoldMixup(MixHandler):
         if pt.module is None: return super().mix_batch(generator)  # the input: exactly MixUp
         self.mix = self.draw(self.xb[0], generator)
         self.mix.per_position,self.mix.mixed_module = self.per_position,pt.name  # the `Mix` says where it applies, for viewers
-        self.learn.yb,self.mix_loss = self.mix.targets(self.yb)
+        self.learn.yb,self.mix_loss = self.mix.targets(self.yb, self._user_loss())
         self._arm(pt)
 
     def _arm(self, pt):

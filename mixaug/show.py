@@ -145,7 +145,7 @@ def mix_titles(
         j,lam = int(mix.idx[i]),float(mix.lam[i])
         if k=='soft' and partner is None: t = _top2(y[i], vocab)
         else: t = f"{src(i)} ×{lam:.2f} + {partner or src(j)} ×{1-lam:.2f}"
-        if k=='value' and partner is None: t += f" = {_num(y[i])}"  # the value the model is trained on
+        if k=='value' and partner is None: t += f" = {_num(y[i])}"  # the mixed value
         if mix.is_cut[i]: t += ' (box)'
         res.append(t)
     return res
@@ -221,12 +221,18 @@ def _partner_x(mb):
     if p is None: return mb.xb0[0],None
     return (p[0] if isinstance(p, (tuple,list)) else p),(mb.cb.partner_name or 'partner')
 
+def _mixed_y(mb):
+    "The first target as mixed for the model: the callback's, or interpolated here when it left the targets to the mixed loss"
+    if not mb.yb or mb.mix is None: return None
+    y,y0 = mb.yb[0],mb.yb0[0]
+    return mb.mix(y0) if y is y0 and isinstance(y0, Tensor) and y0.is_floating_point() else y
+
 # %% ../nbs/03_show.ipynb #7da30a10
 def _target_col(mb, n, vocab, partner):
     "The target each mixed row is trained on, decoded: class names with their shares, or the mixed values `(n, k)`; None for other targets"
     y0,mix = mb.yb0[0] if mb.yb0 else None,mb.mix
     k = _kind(y0)
-    if k=='value': return (mb.yb[0] if mix is not None and partner is None else y0)[:n].detach().cpu().float().flatten(1).numpy()
+    if k=='value': return (_mixed_y(mb) if mix is not None and partner is None else y0)[:n].detach().cpu().float().flatten(1).numpy()
     if k!='class': return None
     y0 = y0.view(len(y0))
     def shares(i):
@@ -253,7 +259,7 @@ def _mix_table(learn, mb, n, vocab):
     t = _target_col(mb, n, vocab, name)
     if isinstance(t, np.ndarray) and t.shape[1]==len(ys): df[ys] = t  # a value per target column
     elif t is not None: df[ys[0]] = t if not isinstance(t, np.ndarray) else [_num(torch.as_tensor(o)) for o in t]
-    df['mix'] = mix_titles(mb.mix, y0, mb.yb[0] if mb.yb else None, vocab, name)[:n]  # the whole batch: partners lie anywhere in it
+    df['mix'] = mix_titles(mb.mix, y0, _mixed_y(mb), vocab, name)[:n]  # the whole batch: partners lie anywhere in it
     if mb.mix is not None: df['lam'],df['partner'] = mb.mix.lam[:n].cpu().numpy(),mb.mix.idx[:n].cpu().numpy()
     return df
 
@@ -284,7 +290,7 @@ def show_mix(
         codes = _codes(learn, y0, vocab)
         masks = mb.yb[0] if mb.mix is None or mb.partner_xb is not None else mb.mix(y0)
     vocab = _vocab(learn, vocab)
-    ts = mix_titles(mb.mix, y0, mb.yb[0] if mb.yb else None, vocab, name)
+    ts = mix_titles(mb.mix, y0, _mixed_y(mb), vocab, name)
     long = _kind(y0) in ('value','multi')  # titles that may not fit a panel: broken into lines
     ims,own = _as_images(learn, x[:n], x0),_as_images(learn, x0[:n], x0)
     other = _as_images(learn, px[mb.mix.idx[:n]], x0) if mb.mix is not None else own
