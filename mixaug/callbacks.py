@@ -199,6 +199,7 @@ class MixHandler(Callback):
     def before_fit(self):
         self._bind()
         self._retire()
+        self._first_batch = True
         lf = self.learn.loss_func
         if isinstance(lf, _MixedLoss) and not lf.live: lf.retire()  # another callback's, left by an error
 
@@ -206,18 +207,49 @@ class MixHandler(Callback):
         f = self._bind()
         self._retire()
         self.mix,self.mix_loss,yb = None,False,self.yb
+        if self.__dict__.pop('_first_batch', False): self._refuse_conflicts()
         gen = self._gen(self.xb[0].device)
         if self.pct_train < self.stop_at and (self.p>=1 or self.coin.random() < self.p): self.mix_batch(gen)
         if self.mix is None: return
         lf = self.learn.loss_func
         if isinstance(lf, _MixedLoss) and lf.live and (self.mix_loss or any(a is not b for a,b in zip(yb, self.yb))):
-            lf.retire(); raise ValueError(
-                f"{type(lf.cb).__name__} and {type(self).__name__} both mix this batch's targets, and {type(lf.cb).__name__} mixes "
-                "the loss (class indices, or float targets under a loss not linear in them): their objectives can't be composed. "
-                "Use one of them (CutMixUp chooses MixUp or CutMix per batch or per sample), or one-hot targets with a "
-                "cross-entropy, which both mix exactly")
+            lf.retire(); raise self._conflict(lf.cb)
         # Swapped here, not in `after_pred`: every call of the loss from now to the end of the batch is the mixed objective
         if self.mix_loss and f is not None: self._stand_in = self.learn.loss_func = _MixedLoss(self, self.learn, lf, self.mix, f.f_back)
+
+    def _conflict(self, first) -> ValueError:
+        n0,n1 = type(first).__name__,type(self).__name__
+        return ValueError(f"{n0} and {n1} both mix this batch's targets, and {n0} mixes the loss (class indices, or float "
+            "targets under a loss not linear in them): their objectives can't be composed. Use one of them (CutMixUp "
+            "chooses MixUp or CutMix per batch or per sample), or one-hot targets with a cross-entropy, which both mix exactly")
+
+    def _refuse_conflicts(self):
+        "At the first training batch of a fit, before any step: refuse if a mixer that runs before this one may mix the loss"
+        if not self.yb or not self._mixes_targets: return
+        cbs = list(self.learn.cbs.sorted('order'))  # the order fastai runs them in
+        for first in cbs[:cbs.index(self)]:
+            if isinstance(first, MixHandler) and first.p > 0 and first.stop_at > 0 and first._may_mix_loss(self.xb[0], self.yb, self._user_loss()):
+                if isinstance(self.learn.loss_func, _MixedLoss): self.learn.loss_func.retire()
+                raise self._conflict(first)
+
+    _mixes_targets = True  # SemiMix trains on the labeled sample's own targets: False
+
+    def _may_mix_loss(self,
+        x:Tensor, # An input of a batch
+        ys:tuple, # The batch's targets
+        loss_func, # The loss
+    ) -> bool:
+        "Whether some draw of this callback on a batch like `x`, `ys` leaves the targets to the mixed loss (its state untouched)"
+        g = torch.Generator(x.device).manual_seed(0)
+        with self.kept_state():
+            for m in self._kinds_of_mix(x, g):
+                m.per_position = self.per_position
+                if m.targets(ys, loss_func)[1]: return True
+        return False
+
+    def _kinds_of_mix(self, x, generator) -> list:
+        "A draw of each kind this callback makes (CutMixUp: MixUp's and CutMix's)"
+        return [self.draw(x, generator)]
 
     def mix_batch(self, generator):
         "Draw a `Mix` for this batch with `generator` and apply it to `learn.xb` and `learn.yb`"
@@ -294,3 +326,7 @@ class CutMixUp(MixHandler):
         if self.per_sample: return draw_cutmixup(x, self.mixup_alpha, self.cutmix_alpha, self.switch_prob, generator=generator)
         if self.coin.random() < self.switch_prob: return draw_cutmix(x, self.cutmix_alpha, generator=generator)
         return draw_mixup(len(x), self.mixup_alpha, device=x.device, generator=generator)
+
+    def _kinds_of_mix(self, x, generator):
+        if self.per_sample: return [self.draw(x, generator)]
+        return [draw_cutmix(x, self.cutmix_alpha, generator=generator), draw_mixup(len(x), self.mixup_alpha, device=x.device, generator=generator)]
