@@ -219,7 +219,7 @@ class MixHandler(Callback):
 
     def _conflict(self, first) -> ValueError:
         n0,n1 = type(first).__name__,type(self).__name__
-        return ValueError(f"{n0} and {n1} both mix this batch's targets, and {n0} mixes the loss (class indices, or float "
+        return ValueError(f"{n0} and {n1} both mix the batches' targets, and {n0} mixes the loss (class indices, or float "
             "targets under a loss not linear in them): their objectives can't be composed. Use one of them (CutMixUp "
             "chooses MixUp or CutMix per batch or per sample), or one-hot targets with a cross-entropy, which both mix exactly")
 

@@ -63,11 +63,12 @@ def _loss_reduction(loss_func) -> str:
 
 # %% ../nbs/00_core.ipynb #a71e4344
 def _reduce_loss(loss:Tensor, reduction:str='mean') -> Tensor:
-    "Reduce `loss` by `reduction`: 'mean', 'sum' or 'none'"
+    "Reduce `loss` by `reduction`: 'mean', 'sum', 'none' or 'batchmean' (`nn.KLDivLoss`'s: the sum over the batch size)"
     if reduction=='mean': return loss.mean()
     if reduction=='sum': return loss.sum()
     if reduction=='none': return loss
-    raise ValueError(f"`reduction` must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if reduction=='batchmean': return loss.sum()/loss.shape[0]
+    raise ValueError(f"`reduction` must be 'mean', 'sum', 'none' or 'batchmean', got {reduction!r}")
 
 # %% ../nbs/00_core.ipynb #8d44f010
 def as_real(
