@@ -240,6 +240,7 @@ class MixHandler(Callback):
         loss_func, # The loss
     ) -> bool:
         "Whether some draw of this callback on a batch like `x`, `ys` leaves the targets to the mixed loss (its state untouched)"
+        if not self._mixes_targets: return False
         g = torch.Generator(x.device).manual_seed(0)
         with self.kept_state():
             for m in self._kinds_of_mix(x, g):

@@ -180,8 +180,7 @@ class SemiMix(MixHandler):
         self.learn.xb = tuple(self.mix(o, p) for o,p in zip(self.xb, self.partner_xb))
 
     def after_pred(self): "Never swaps the loss: the objective is the user's loss on each sample's own target"
-    _mixes_targets = False  # the labeled sample's own targets, as given
-    def _may_mix_loss(self, x, ys, loss_func): return False
+    _mixes_targets = False  # the labeled sample's own targets, as given: never left to a mixed loss
 
     @property
     def partner_name(self) -> str|None:
