@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_callbacks.ipynb #c4adac72
 from __future__ import annotations
-import sys, random, functools
+import sys, random, functools, operator
 from contextlib import contextmanager
 import numpy as np, torch
 from torch import Tensor
@@ -12,9 +12,10 @@ from fastcore.meta import delegates
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .core import *
+from .masks import *
 
 # %% auto #0
-__all__ = ['rank_world', 'loader_kept', 'MixHandler', 'MixUp', 'CutMix', 'CutMixUp']
+__all__ = ['rank_world', 'loader_kept', 'MixHandler', 'MixUp', 'CutMix']
 
 # %% ../nbs/01_callbacks.ipynb #bf1a78da
 def _event_frame():
@@ -61,6 +62,11 @@ class _MixedLoss:
         return getattr(self.loss_func, k)
 
     def __setattr__(self, k, v): setattr(self.loss_func, k, v)  # e.g. `reduction`, set by `NoneReduce`
+
+    # Left on the learner by an exception that escaped `fit`, it is seen, copied and saved as the user's loss
+    def __repr__(self): return repr(self.loss_func)
+    def __str__(self): return str(self.loss_func)
+    def __reduce__(self): return operator.getitem,([self.loss_func], 0)  # unpickles as the user's loss itself: `learn.export` saves it
 
 # %% ../nbs/01_callbacks.ipynb #98f6282e
 def rank_world() -> tuple[int,int]:
@@ -135,7 +141,7 @@ class MixHandler(Callback):
         self.coin,self.mix,self.mix_loss,self._stand_in = None,None,False,None
 
     def draw(self, x:Tensor, generator) -> Mix:
-        "The `Mix` for a batch whose first input is `x`, drawn with `generator`; each subclass draws its own"
+        "The `Mix` for a batch whose first input is `x`, drawn with `generator` (None: leave it unmixed); each subclass draws its own"
         raise NotImplementedError
 
     def lam_laws(self) -> list[dict]:
@@ -255,6 +261,7 @@ class MixHandler(Callback):
     def mix_batch(self, generator):
         "Draw a `Mix` for this batch with `generator` and apply it to `learn.xb` and `learn.yb`"
         self.mix = self.draw(self.xb[0], generator)
+        if self.mix is None: return  # a draw may choose not to mix this batch (`MixChoice` with None)
         self.mix.per_position = self.per_position
         self.learn.xb = tuple(self.mix(o) for o in self.xb)
         self.learn.yb,self.mix_loss = self.mix.targets(self.yb, self._user_loss())
@@ -300,34 +307,3 @@ class CutMix(MixHandler):
         self.alpha,self.per_batch = check_alpha(alpha),_check_bool(per_batch, 'per_batch')
 
     def draw(self, x, generator): return draw_cutmix(x, self.alpha, per_batch=self.per_batch, generator=generator)
-
-# %% ../nbs/01_callbacks.ipynb #18a1bfb4
-@delegates()
-class CutMixUp(MixHandler):
-    "MixUp or CutMix, chosen per batch or per sample, with probability `switch_prob` of CutMix (timm's `switch_prob`)"
-    def __init__(self,
-        mixup_alpha:float=.4, # alpha of the MixUp draws
-        cutmix_alpha:float=1., # alpha of the CutMix draws
-        switch_prob:float=.5, # Probability of CutMix rather than MixUp
-        per_sample:bool=False, # Choose for each sample (in one pass over the batch) instead of for each batch
-        **kwargs
-    ):
-        super().__init__(**kwargs)
-        self.mixup_alpha,self.cutmix_alpha = check_alpha(mixup_alpha, 'mixup_alpha'),check_alpha(cutmix_alpha, 'cutmix_alpha')
-        self.switch_prob = check_prob(switch_prob, 'switch_prob', 'the probability of CutMix')
-        self.per_sample = _check_bool(per_sample, 'per_sample')
-
-    def lam_laws(self):
-        "Its two laws: MixUp's (folded) and CutMix's"
-        n = type(self).__name__
-        return [dict(label=f"{n} MixUp α={self.mixup_alpha:g}", alpha=self.mixup_alpha, beta=None, fold=True),
-                dict(label=f"{n} CutMix α={self.cutmix_alpha:g}", alpha=self.cutmix_alpha, beta=None, fold=False)]
-
-    def draw(self, x, generator):
-        if self.per_sample: return draw_cutmixup(x, self.mixup_alpha, self.cutmix_alpha, self.switch_prob, generator=generator)
-        if self.coin.random() < self.switch_prob: return draw_cutmix(x, self.cutmix_alpha, generator=generator)
-        return draw_mixup(len(x), self.mixup_alpha, device=x.device, generator=generator)
-
-    def _kinds_of_mix(self, x, generator):
-        if self.per_sample: return [self.draw(x, generator)]
-        return [draw_cutmix(x, self.cutmix_alpha, generator=generator), draw_mixup(len(x), self.mixup_alpha, device=x.device, generator=generator)]

@@ -7,11 +7,12 @@ from __future__ import annotations
 import math, inspect, functools, numbers, operator, sys
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
+from typing import Callable
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['NoneReduce', 'as_real', 'check_alpha', 'check_prob', 'check_count', 'draw_lam', 'draw_partners', 'blend', 'Mix',
-           'draw_mixup', 'draw_cutmix', 'draw_cutmixup']
+__all__ = ['NoneReduce', 'as_real', 'check_alpha', 'check_prob', 'check_count', 'draw_lam', 'draw_partners', 'blend',
+           'kept_fraction', 'Region', 'Mix', 'draw_mixup']
 
 # %% ../nbs/00_core.ipynb #ea762772
 def _takes_reduction(f):
@@ -112,13 +113,14 @@ def check_count(
     v, # The value given: a Python or numpy integer, or a 0-d integer tensor
     name:str, # The argument's name, for the error message
     what:str='a number of samples', # What the count is, for the error message
+    least:int=1, # The smallest count accepted (0 for a batch size: an empty batch passes through)
 ) -> int:
-    "`v` as an int >= 1 (not a bool), else an error naming `name`"
-    msg = f"`{name}` is {what}, an int >= 1; got {v!r}"
+    "`v` as an int >= `least` (not a bool), else an error naming `name`"
+    msg = f"`{name}` is {what}, an int >= {least}; got {v!r}"
     try: i = None if isinstance(v, bool) or (isinstance(v, Tensor) and v.ndim) else operator.index(v)
     except TypeError: i = None  # a float, a string, a float tensor...
     if i is None: raise TypeError(f"{msg} ({type(v).__name__})")
-    if i < 1: raise ValueError(msg)
+    if i < least: raise ValueError(msg)
     return i
 
 @functools.lru_cache(maxsize=64)
@@ -162,7 +164,7 @@ def _sym_beta(u:Tensor, a:float, fold:bool=False) -> Tensor:
         c = u[1].mul(math.pi/2 if fold else math.pi).cos_()  # |cos(pi V)| has the law of cos(pi V/2)
         return torch.addcmul(_const(.5, u.device), r, c, value=.5)
     # Johnk's method in the log domain: X = U**(1/a), Y = V**(1/a), accepted when X+Y <= 1, lam = X/(X+Y)
-    z = torch.xlogy(1/a, u.view(2, -1, u.shape[-1]))
+    z = torch.xlogy(1/a, u.view(2, len(u)//2, u.shape[-1]))  # sizes spelled out: n may be 0
     first = (torch.logaddexp(z[0], z[1]) <= 0).max(0, keepdim=True).indices  # the first accepted candidate
     d = (z[0]-z[1]).gather(0, first)[0]
     return torch.sigmoid(d.abs() if fold else d)
@@ -186,15 +188,15 @@ def _lam(u:Tensor|None, n:int, a:float, b:float, fold:bool, device=None, generat
     return torch.maximum(lam, 1-lam) if fold else lam
 
 def draw_lam(
-    n:int, # Number of lambdas, one per sample
+    n:int, # Number of lambdas, one per sample (0 gives none)
     alpha:float, # First parameter of the Beta law
     beta:float|None=None, # Second parameter of the Beta law; None: alpha, a symmetric law
     fold:bool=False, # Fold each lambda to max(lam, 1-lam), so that a sample dominates its mix
-    device=None, # Device of the lambdas: the batch's
-    generator=None, # A torch.Generator, for reproducible draws
+    device:torch.device|str|None=None, # Device of the lambdas: the batch's
+    generator:torch.Generator|None=None, # A torch.Generator, for reproducible draws
 ) -> Tensor:
     "`n` lambdas from Beta(`alpha`, `beta`), drawn on `device` with no host sync"
-    n,alpha = check_count(n, 'n'),check_alpha(alpha)
+    n,alpha = check_count(n, 'n', least=0),check_alpha(alpha)
     beta = alpha if beta is None else check_alpha(beta, 'beta')
     rows = _lam_rows(alpha, beta)
     u = None if rows is None else _draw(torch.rand, rows, n, device=device, generator=generator)
@@ -208,12 +210,12 @@ def _cycle(u:Tensor) -> Tensor:
     return torch.empty_like(order[:n]).scatter_(0, order[:n], order[1:n+1])
 
 def draw_partners(
-    n:int, # Number of samples in the batch
-    device=None, # Device of the permutation: the batch's
-    generator=None, # A torch.Generator, for reproducible draws
+    n:int, # Number of samples in the batch (0: an empty batch)
+    device:torch.device|str|None=None, # Device of the permutation: the batch's
+    generator:torch.Generator|None=None, # A torch.Generator, for reproducible draws
 ) -> Tensor:
     "A random permutation `idx`: sample `i` mixes with sample `idx[i]`, never itself when `n > 1`"
-    return _cycle(_draw(torch.rand, check_count(n, 'n'), device=device, generator=generator))
+    return _cycle(_draw(torch.rand, check_count(n, 'n', least=0), device=device, generator=generator))
 
 # %% ../nbs/00_core.ipynb #ec2975ee
 def blend(
@@ -224,69 +226,13 @@ def blend(
     "A new tensor `w*t + (1-w)*other`; integers are never interpolated: `t` where `w >= 0.5`, else `other`"
     if w.dtype==torch.bool: return torch.where(w, t, other)
     if not t.is_floating_point(): return torch.where(w>=0.5, t, other)
-    w = w.to(t.dtype)
-    # A convex sum, `(other - w*other) + w*t`: no term is larger than its input, where lerp's `t-other` can overflow
-    return torch.addcmul(other, other, w, value=-1).addcmul_(t, w)
+    return torch.lerp(other, t, w.to(t.dtype))
 
 def _blend_fresh(t:Tensor, other:Tensor, w:Tensor) -> Tensor:
-    "`blend` written into `other`, a new tensor of the caller's own (a gather): one batch of memory instead of two"
+    "`blend` written into `other`, a new tensor of the caller's own (a gather): one pass, and one batch of memory"
     if w.dtype==torch.bool or not t.is_floating_point() or other.shape!=t.shape: return blend(t, other, w)
     if torch.is_grad_enabled() and (t.requires_grad or other.requires_grad): return blend(t, other, w)  # autograd's copy
-    w = w.to(t.dtype)
-    return other.addcmul_(other, w, value=-1).addcmul_(t, w)
-
-# %% ../nbs/00_core.ipynb #77070282
-def _boxes(area:Tensor, ctr:Tensor) -> tuple[Tensor,Tensor]:
-    "Boxes `(lo, hi)`, each `(m, nd)`, of volume `area` `(m,)` centred at `ctr` `(nd, m)`, clipped to [0, 1]"
-    nd = len(ctr)
-    side = area if nd==1 else area.pow(1/nd)
-    b = torch.addcmul(ctr, side, _const((-.5, .5), ctr.device).view(2,1,1)).clamp_(0, 1)  # (2, nd, m): lo and hi
-    return b[0].t(),b[1].t()
-
-def _draw_boxes(lam:Tensor, n_dims:int, generator=None) -> tuple[Tensor,Tensor]:
-    "Boxes `(lo, hi)` in relative coordinates [0, 1]: one per `lam`, of volume `1-lam` before clipping, centred uniformly"
-    ctr = _draw(torch.rand, n_dims, len(lam), device=lam.device, generator=generator)
-    return _boxes((1-lam).clamp(0,1), ctr)
-
-# %% ../nbs/00_core.ipynb #6a8c037f
-@functools.lru_cache(maxsize=32)
-def _positions(shape:tuple, device) -> Tensor:
-    "Centres of the positions along each dim of `shape`, relative, `(len(shape), max(shape))`; 2 past a dim's end"
-    p = torch.full((len(shape), max(shape)), 2.)
-    for d,s in enumerate(shape): p[d,:s] = (torch.arange(s)+0.5)/s
-    return p.to(device)  # made once per shape and device
-
-def _masks(lo:Tensor, hi:Tensor, shape) -> Tensor:
-    "Float masks `(n, len(shape), max(shape))`: 1 at the positions whose centre lies in each sample's box"
-    p,lo = _positions(tuple(shape), lo.device),lo[...,None]
-    return torch.logical_and(p>=lo, p<hi[...,None], out=lo.new_empty(len(lo), *p.shape))
-
-def _box_masks(lo:Tensor, hi:Tensor, shape) -> list[Tensor]:
-    "For each spatial dim of `shape`, a float mask `(n, size)` of the positions whose centre lies in each sample's box"
-    m = _masks(lo, hi, shape)
-    return [m[:,d,:s] for d,s in enumerate(shape)]
-
-# %% ../nbs/00_core.ipynb #c30747f1
-def _keep(m:Tensor, shape) -> Tensor:
-    "The keep map `(n, *shape)` from masks `m` of `_masks`: the outer product of the 1-D masks, subtracted from 1"
-    nd = len(shape)
-    ms = [m[:,d,:s].view(len(m), *[1]*d, s, *[1]*(nd-d-1)) for d,s in enumerate(shape)]
-    if nd==1: return torch.rsub(ms[0], 1)
-    inside = functools.reduce(torch.mul, ms[:-1])  # all dims but the last: a small tensor
-    return torch.addcmul(_const(1., m.device), inside, ms[-1], value=-1)  # one pass over the map
-
-def _box_keep_map(lo:Tensor, hi:Tensor, shape) -> Tensor:
-    "Float map `(n, *shape)`: 0 at positions whose centre lies in that sample's box, 1 elsewhere"
-    return _keep(_masks(lo, hi, shape), shape)
-
-# %% ../nbs/00_core.ipynb #f44f4201
-def _kept(m:Tensor, shape) -> Tensor:
-    "Fraction of each sample's positions outside its box, from masks `m` of `_masks`: 1 - the product of their counts"
-    return torch.rsub(m.sum(-1).prod(-1), 1, alpha=1/math.prod(shape))
-
-def _box_kept_fraction(lo:Tensor, hi:Tensor, shape) -> Tensor:
-    "Fraction of each sample's positions outside its box, `_box_keep_map(...).mean()` computed from the box's sides alone"
-    return _kept(_masks(lo, hi, shape), shape)
+    return other.lerp_(t, w.to(t.dtype))
 
 # %% ../nbs/00_core.ipynb #f372f8ae
 def _spread(w:Tensor, ndim:int) -> Tensor:
@@ -301,54 +247,100 @@ def _fastai_per_position(t) -> bool|None:
     if isinstance(t, (tc.TensorCategory, tc.TensorMultiCategory)): return False
     return True if isinstance(t, tc.TensorImageBase) else None
 
+def kept_fraction(keep:Tensor) -> Tensor:
+    "Fraction of positions each sample keeps in bool map `keep` `(n, *shape)`: an integer count over their number, in [0, 1]"
+    cnt = keep.flatten(1).sum(1, dtype=torch.int64)  # exact, where a float count would round past 2**24 positions
+    return cnt.div(math.prod(keep.shape[1:]))  # a count over N, rounded once: never below 0 nor above 1
+
+class Region:
+    "Where a cut sample shows its partner: `keep(shape)` is True where each sample keeps its own position, at any `shape`"
+    resizes = False  # whether the partner is shown moved or resized (ResizeMix), not at the same position
+    def __init__(self, base:tuple): self.base = tuple(base)  # the spatial shape it was drawn at (the first input's)
+    def keep(self, shape) -> Tensor: raise NotImplementedError
+    def weight(self, shape, lam:Tensor, cut:Tensor) -> Tensor:
+        "Float map `(n, *shape)`: `keep` in a cut sample, `lam` in the others"
+        k = self.keep(shape)
+        return torch.where(_spread(cut, k.ndim), k, _spread(lam, k.ndim).to(torch.float32))
+    def source(self, shape, idx:Tensor) -> Tensor:
+        "Int map `(n, *shape)`: the sample whose position each sample shows, itself where it keeps, else `idx`"
+        k = self.keep(shape)
+        return torch.where(k, _spread(torch.arange(len(k), device=k.device), k.ndim), _spread(idx, k.ndim))
+    def paste(self, t:Tensor, src:Tensor, idx:Tensor) -> Tensor|None:
+        "`t` with its partners `src[idx]` shown where `keep` is False, if not at the same position (ResizeMix); else None"
+        return None
+
 class Mix:
     "One draw for a batch: sample `i` keeps weight `lam[i]` of itself and takes the rest from sample `idx[i]`"
     def __init__(self,
-        idx:Tensor, # Partner of each sample: a permutation of range(n)
-        lam:Tensor, # Weight each sample keeps of itself, over its whole area
-        box:tuple|None=None, # CutMix boxes (lo, hi) in relative coordinates, or None for MixUp
-        cut:Tensor|None=None, # Bool per sample: cut by its box, else interpolated by lam. None: all cut
+        idx:Tensor, # Partner of each sample: an index into the batch (or into the partners' source)
+        lam:Tensor, # Weight each sample keeps of itself, over its whole area (for a cut sample, the fraction of positions kept)
+        region:Region|None=None, # Where a cut sample shows its partner (a box, a mask, a resized partner), or None for MixUp
+        cut:Tensor|None=None, # Bool per sample: cut by `region`, else interpolated by lam. None: all cut
         spatial:tuple=(), # Spatial shape of the first input (where lam of a cut sample was measured)
         per_position:tuple|None=None, # One bool per target, whether it is per position (a mask), or None: from its type or shape
     ):
-        self.idx,self.lam,self.box,self.cut,self.spatial,self.per_position = idx,lam,box,cut,tuple(spatial),per_position
-        self._maps = {}
+        self.idx,self.lam,self.region,self.cut,self.spatial,self.per_position = idx,lam,region,cut,tuple(spatial),per_position
+        self._maps,self._keeps,self._srcs = {},{},{}
 
-    def __repr__(self): return f"{type(self).__name__}(n={len(self.idx)}, {'box' if self.box is not None else 'mixup'})"
+    def __call__(self,
+        t, # A tensor of the batch (anything else is returned as is)
+        partners:Tensor|None=None, # The partners' source, if not the batch itself (SemiMix's unlabeled inputs)
+    ):
+        "A new tensor: `t` mixed with its partners (floats interpolated or pasted, integers from the dominant source)"
+        return self._mix(t, self.is_spatial(t), partners) if isinstance(t, Tensor) else t
+
+    def __repr__(self): return f"{type(self).__name__}(n={len(self.idx)}, {type(self.region).__name__ if self.region is not None else 'mixup'})"
+
+    @property
+    def box(self) -> tuple|None:
+        "The boxes `(lo, hi)` in relative coordinates if the region is a box (CutMix's), else None"
+        return getattr(self.region, 'box', None)
+
+    def keep(self,
+        shape, # Spatial shape to rasterise the region at
+    ) -> Tensor:
+        "Bool map `(n, *shape)`: True where a sample keeps its own position (everywhere in a sample that isn't cut)"
+        shape = tuple(shape)
+        if shape not in self._keeps:
+            k = self.region.keep(shape)
+            self._keeps[shape] = k if self.cut is None else k | ~_spread(self.cut, k.ndim)
+        return self._keeps[shape]
 
     def keep_map(self,
-        shape, # Spatial shape to rasterise the boxes at
+        shape, # Spatial shape to rasterise the region at
     ) -> Tensor:
         "Weight each position of spatial `shape` keeps of its own sample, `(n, *shape)`: 0 or 1 in a cut sample, else `lam`"
         shape = tuple(shape)
         if shape not in self._maps:
-            m = _box_keep_map(*self.box, shape)
-            if self.cut is not None: m = torch.where(_spread(self.cut, m.ndim), m, _spread(self.lam, m.ndim))
-            self._maps[shape] = m
+            self._maps[shape] = self.keep(shape).float() if self.cut is None else self.region.weight(shape, self.lam, self.cut)
         return self._maps[shape]
 
     @property
     def exact(self) -> bool:
-        "Whether every sample was cut by a box, so every position shows one source only"
-        return self.box is not None and self.cut is None
+        "Whether every sample was cut, so every position shows one source only"
+        return self.region is not None and self.cut is None
 
     @property
     def is_cut(self) -> Tensor:
-        "Bool per sample: whether a box of its partner was pasted into it"
-        if self.box is None: return torch.zeros_like(self.lam, dtype=torch.bool)
+        "Bool per sample: whether a region of its partner was pasted into it"
+        if self.region is None: return torch.zeros_like(self.lam, dtype=torch.bool)
         return torch.ones_like(self.lam, dtype=torch.bool) if self.cut is None else self.cut
 
     def is_spatial(self,
         t:Tensor, # A tensor of the batch, samples first
     ) -> bool:
-        "Whether a box is pasted into `t`: per fastai's type if it has one (images, masks), else per its shape"
+        "Whether a region is pasted into `t`: per fastai's type if it has one (images, masks), else per its shape"
         nsp = len(self.spatial)
-        if self.box is None or t.ndim<=nsp: return False
+        if self.region is None or t.ndim<=nsp: return False
         kind = _fastai_per_position(t)
         if kind is not None: return kind
         if t.ndim==nsp+2: return True  # (n, c, *spatial), at any resolution
         # (n, *spatial) at the first input's size is a mask; but on 1-D inputs a float (n, L) is a row of label weights
         return tuple(t.shape[1:])==self.spatial and not (nsp==1 and t.is_floating_point())
+
+    def _view(self, m:Tensor, t:Tensor) -> Tensor:
+        "Map `m` `(n, *spatial)` viewed to broadcast over `t` `(n, ..., *spatial)`"
+        return m.view(len(m), *[1]*(t.ndim-m.ndim), *m.shape[1:])
 
     def weight(self,
         t:Tensor, # A tensor of the batch, samples first
@@ -356,10 +348,8 @@ class Mix:
     ) -> Tensor:
         "Weight of `t`'s own sample, broadcastable to `t`: the keep map over its last spatial dims if per position, else `lam`"
         if per_position is None: per_position = self.is_spatial(t)
-        if not per_position or self.box is None: return _spread(self.lam, t.ndim)
-        nsp = len(self.spatial)
-        m = self.keep_map(t.shape[-nsp:])
-        return m.view(len(m), *[1]*(t.ndim-nsp-1), *m.shape[1:])
+        if not per_position or self.region is None: return _spread(self.lam, t.ndim)
+        return self._view(self.keep_map(t.shape[t.ndim-len(self.spatial):]), t)
 
     def _positions(self, ys:tuple) -> tuple:
         "One bool per target in `ys`, whether it is per position; raises on a target that is not a tensor of `n` rows"
@@ -375,62 +365,76 @@ class Mix:
             f"`per_position` must hold one bool per target, {len(ys)} here; got {pp!r}")
         nsp = len(self.spatial)
         for i,(y,p) in enumerate(zip(ys,pp)):
-            if p and self.box is not None and y.ndim<=nsp: raise ValueError(
+            if p and self.region is not None and y.ndim<=nsp: raise ValueError(
                 f"`per_position` says target {i} is per position, but its shape {tuple(y.shape)} has no {nsp} spatial dim(s) after the samples")
-        return tuple(self.is_spatial(y) if p is None else bool(p) and self.box is not None for y,p in zip(ys,pp))
+        return tuple(self.is_spatial(y) if p is None else bool(p) and self.region is not None for y,p in zip(ys,pp))
+
+    def _pasted(self, t:Tensor, src:Tensor|None=None) -> Tensor:
+        "`t` with its partners' region pasted in every sample (ignoring `cut`): each position shows one source, exactly"
+        shape = tuple(t.shape[t.ndim-len(self.spatial):])
+        if self.region.resizes: return self.region.paste(t, t if src is None else src, self.idx)
+        if src is not None: return torch.where(self._view(self.region.keep(shape), t), t, src[self.idx])
+        if shape not in self._srcs: self._srcs[shape] = self.region.source(shape, self.idx)  # itself, or its partner
+        s = self._view(self._srcs[shape], t).expand_as(t)
+        # One gather along the samples reads only the source shown at each position
+        return torch.gather(t, 0, s, out=torch.empty_like(t)) if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) else t.gather(0, s)
 
     def loss_sources(self,
         y:Tensor, # A target of the batch, as given
         per_position:bool|None=None, # Whether y is per position; None: from its type or shape
     ) -> tuple[Tensor,Tensor]:
         "Targets `a` and `b` of `y` such that each sample's mixed loss is `lam*loss(a) + (1-lam)*loss(b)`"
-        other = y[self.idx]
         if per_position is None: per_position = self.is_spatial(y)
-        if not per_position or self.box is None: return y,other
-        pasted = blend(y, other, self.weight(y, True))  # a cut sample shows one source per position: the same target twice
+        if not per_position or self.region is None: return y,y[self.idx]
+        pasted = self._pasted(y)  # a cut sample shows one source per position: the same target twice
         if self.cut is None: return pasted,pasted
         c = _spread(self.cut, y.ndim)
-        return torch.where(c, pasted, y),torch.where(c, pasted, other)
+        return torch.where(c, pasted, y),torch.where(c, pasted, y[self.idx])
 
 # %% ../nbs/00_core.ipynb #7d3a9c1e
 @patch
-def __call__(self:Mix,
-    t, # A tensor of the batch (anything else is returned as is)
-    partners:Tensor|None=None, # The partners' source, if not the batch itself (SemiMix's unlabeled inputs)
-):
-    "A new tensor: `t` mixed with its partners (floats interpolated or pasted, integers from the dominant source)"
-    if not isinstance(t, Tensor): return t
-    return _blend_fresh(t, (t if partners is None else partners)[self.idx], self.weight(t))  # the gather is ours to write
+def _mix(self:Mix, t:Tensor, per_position:bool, partners:Tensor|None=None) -> Tensor:
+    "A new tensor: `t` mixed with its partners, pasted by the region if `per_position`, else weighted by `lam`"
+    src = t if partners is None else partners
+    if len(self.idx)==0: return t.clone()  # an empty batch passes through
+    if self.region is None or not per_position: return _blend_fresh(t, src[self.idx], _spread(self.lam, t.ndim))
+    if self.cut is None: return self._pasted(t, partners)  # each position shows one source
+    w = self.weight(t, True)
+    if self.region.resizes or not t.is_floating_point():
+        pasted = self._pasted(t, partners)  # cut samples pasted; the others interpolated (floats) or the dominant source
+        return torch.where(self._view(_spread(self.cut, 1+len(self.spatial)), t), pasted, blend(t, src[self.idx], w))
+    return _blend_fresh(t, src[self.idx], w)  # one gather, then one lerp by a per-position weight
 
 # %% ../nbs/00_core.ipynb #26d4ca97
 @patch
 def targets(self:Mix,
     ys:tuple, # The batch's targets, each a tensor with one row per sample
-    loss_func=None, # The loss they are for; None: any loss
+    loss_func:Callable|None=None, # The loss they are for; None: any loss
 ) -> tuple[tuple,bool]:
     "The targets the loss sees and whether it must be `Mix.loss`: all mixed if that is exact for `loss_func`, else all as given"
     ys = tuple(ys)
     pp = self._positions(ys)
+    if len(self.idx)==0: return ys,False  # an empty batch: nothing to mix
     pasted = [bool(p and self.exact) for p in pp]  # each position shows one source: exact for any loss
     if not all(o or y.is_floating_point() for o,y in zip(pasted, ys)): return ys,True  # integers are never interpolated
     # Interpolated float targets are exact for a loss linear in them; for a loss that can't be computed per sample
     # they are the mixup paper's targets, the one option left
     lerp = loss_func is not None and (_linear_in_target(loss_func) or not _per_sample(loss_func))
     if not (all(pasted) or lerp): return ys,True
-    return tuple(_blend_fresh(y, y[self.idx], self.weight(y, p)) for y,p in zip(ys,pp)),False
+    return tuple(self._mix(y, p) for y,p in zip(ys,pp)),False
 
 # %% ../nbs/00_core.ipynb #3f13e6a5
 @patch
 def loss(self:Mix,
-    loss_func, # A loss that takes reduction= or has a reduction attribute, called as loss_func(pred, *ys)
+    loss_func:Callable, # A loss that takes reduction= or has a reduction attribute, called as loss_func(pred, *ys)
     pred, # The model's output
     *ys, # The targets as given
 ) -> Tensor:
     "The mixed objective from the targets as given: `loss_func` on each source's targets, weighted by `lam` per sample"
-    a,b = zip(*[self.loss_sources(y, p) for y,p in zip(ys, self._positions(ys))]) if ys else ((),())
+    n = len(self.idx)
+    a,b = zip(*[self.loss_sources(y, p) for y,p in zip(ys, self._positions(ys))]) if ys and n else (ys,ys)
     if all(o is p for o,p in zip(a,b)): return loss_func(pred, *a)  # one source at every position: the plain loss
     with NoneReduce(loss_func) as lf: la,lb = lf(pred, *a),lf(pred, *b)
-    n = len(self.idx)
     if la.ndim==0 or la.numel()%n: raise ValueError(
         f"Can't weight the unreduced loss of shape {tuple(la.shape)} by sample: its size must be a multiple of the batch size {n}")
     # Losses keep samples outermost (fastai's flattened losses too), so each sample's elements share its weight
@@ -439,70 +443,20 @@ def loss(self:Mix,
 
 # %% ../nbs/00_core.ipynb #8edcb6d0
 def draw_mixup(
-    n:int, # Number of samples in the batch
+    n:int, # Number of samples in the batch (0: an empty batch, which passes through)
     alpha:float=0.4, # Parameter of the Beta(alpha, alpha) law of lambda
     fold:bool=True, # Each sample keeps the larger share, max(lam, 1-lam)
     per_batch:bool=False, # One lambda for the whole batch instead of one per sample
     beta:float|None=None, # Second parameter of the Beta law; None: alpha
-    device=None, # Device of the draw: the batch's
-    generator=None, # A torch.Generator, for reproducible draws
+    device:torch.device|str|None=None, # Device of the draw: the batch's
+    generator:torch.Generator|None=None, # A torch.Generator, for reproducible draws
+    idx:Tensor|None=None, # Each sample's partner, an index into the batch; None: a random cycle through the batch
 ) -> Mix:
     "A MixUp `Mix` for `n` samples: partners and Beta lambdas from one `torch.rand` call"
-    n,alpha = check_count(n, 'n'),check_alpha(alpha)
+    n,alpha = check_count(n, 'n', least=0),check_alpha(alpha)
     beta = alpha if beta is None else check_alpha(beta, 'beta')
-    m,rows = (1 if per_batch else n),_lam_rows(alpha, beta)
-    u = _draw(torch.rand, 1+(rows or 0), n, device=device, generator=generator)  # partners and lambdas in one draw
-    lam = _lam(u[1:,:m] if rows else None, m, alpha, beta, fold, u.device, generator)
-    return Mix(_cycle(u[0]), lam.expand(n) if per_batch else lam)
-
-# %% ../nbs/00_core.ipynb #9bfea00b
-def _spatial_shape(x:Tensor) -> tuple:
-    "The spatial dims of input `x` of shape `(n, channels, *spatial)`, checked to be 1 to 3 of them, none empty"
-    if not 3 <= x.ndim <= 5: raise ValueError(
-        f"CutMix cuts boxes out of the dims after the channel dim, so its input must be (n, c, length), (n, c, h, w) "
-        f"or (n, c, d, h, w); got an input of shape {tuple(x.shape)}")
-    if 0 in x.shape[2:]: raise ValueError(
-        f"CutMix can't cut a box out of an empty spatial dim: got an input of shape {tuple(x.shape)}")
-    return tuple(x.shape[2:])
-
-def _cut(u:Tensor, alpha:float, spatial:tuple) -> tuple:
-    "Boxes `(lo, hi)` of area from Beta(`alpha`, `alpha`), their masks at `spatial`, from uniforms `u` `(rows, m)`"
-    r = _sym_rows(alpha)
-    lo,hi = _boxes(_sym_beta(u[:r], alpha), u[r:])  # the area cut, 1-lam, has the law of lam
-    return lo,hi,_masks(lo, hi, spatial)
-
-# %% ../nbs/00_core.ipynb #cd786de7
-def draw_cutmix(
-    x:Tensor, # The batch's first input, (n, c, *spatial) with 1 to 3 spatial dims
-    alpha:float=1., # Parameter of the Beta(alpha, alpha) law of the area cut
-    per_batch:bool=False, # One box for the whole batch instead of one per sample
-    generator=None, # A torch.Generator, for reproducible draws
-) -> Mix:
-    "A CutMix `Mix` for input `x`: each sample gets a box of its partner, of area `1-lam`"
-    spatial,n,alpha = _spatial_shape(x),len(x),check_alpha(alpha)
-    u = _draw(torch.rand, 1+_sym_rows(alpha)+len(spatial), n, device=x.device, generator=generator)
-    lo,hi,m = _cut(u[1:,:1] if per_batch else u[1:], alpha, spatial)
-    mix = Mix(_cycle(u[0]), _kept(m, spatial).expand(n), (lo.expand(n,-1),hi.expand(n,-1)), spatial=spatial)
-    mix._maps[spatial] = _keep(m, spatial).expand(n, *spatial)  # the first input's map, from the masks at hand
-    return mix
-
-# %% ../nbs/00_core.ipynb #f4576769
-def draw_cutmixup(
-    x:Tensor, # The batch's first input, (n, c, *spatial) with 1 to 3 spatial dims
-    mixup_alpha:float=0.4, # Parameter of the Beta law of an interpolated sample's lambda
-    cutmix_alpha:float=1., # Parameter of the Beta law of a cut sample's box area
-    switch_prob:float=0.5, # Probability that a sample is cut by a box
-    fold:bool=True, # An interpolated sample keeps the larger share, max(lam, 1-lam)
-    generator=None, # A torch.Generator, for reproducible draws
-) -> Mix:
-    "A `Mix` where each sample is cut by a box with probability `switch_prob`, else interpolated as in MixUp"
-    spatial,n = _spatial_shape(x),len(x)
-    am,ac = check_alpha(mixup_alpha, 'mixup_alpha'),check_alpha(cutmix_alpha, 'cutmix_alpha')
-    sp,rm = check_prob(switch_prob, 'switch_prob', 'the probability of CutMix'),_sym_rows(am)
-    u = _draw(torch.rand, 2+rm+_sym_rows(ac)+len(spatial), n, device=x.device, generator=generator)
-    lo,hi,m = _cut(u[1+rm:-1], ac, spatial)
-    cut = u[-1] < sp
-    lam = torch.where(cut, _kept(m, spatial), _sym_beta(u[1:1+rm], am, fold))
-    mix = Mix(_cycle(u[0]), lam, (lo,hi), cut=cut, spatial=spatial)
-    mix._maps[spatial] = torch.where(_spread(cut, len(spatial)+1), _keep(m, spatial), _spread(lam, len(spatial)+1))
-    return mix
+    m,rows = (min(n, 1) if per_batch else n),_lam_rows(alpha, beta)
+    p = idx is None
+    u = _draw(torch.rand, p+(rows or 0), n, device=device, generator=generator)  # partners and lambdas in one draw
+    lam = _lam(u[p:,:m] if rows else None, m, alpha, beta, fold, u.device, generator)
+    return Mix(_cycle(u[0]) if p else idx, lam.expand(n) if per_batch else lam)

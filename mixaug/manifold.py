@@ -10,7 +10,7 @@ from fastai.layers import SigmoidRange, AdaptiveConcatPool2d
 from fastai.tabular.model import TabularModel
 from fastai.vision.learner import TimmBody
 from .core import *
-from .callbacks import MixHandler
+from .callbacks import MixHandler, _event_frame, _on_stack
 
 # %% auto #0
 __all__ = ['eligible_points', 'ManifoldMixup']
@@ -101,7 +101,7 @@ class ManifoldMixup(MixHandler):
                 if not isinstance(o, (str,nn.Module)): raise TypeError(
                     f"ManifoldMixup's `modules` must hold submodules, their names or 'input'; got {o!r} ({type(o).__name__})")
         self.modules,self.points,self.mixed_module = modules,None,None
-        self._hook,self._token,self._model,self._armed = None,None,None,None
+        self._hook,self._token,self._model,self._armed,self._batch = None,None,None,None,None
 
     def draw(self, x, generator):
         return draw_mixup(len(x), self.alpha, fold=self.fold, per_batch=self.per_batch, device=x.device, generator=generator)
@@ -113,7 +113,13 @@ class ManifoldMixup(MixHandler):
             self.points,self._model = [_point(self.learn.model, o) for o in mods],self.learn.model
         return self.points
 
+    def __call__(self, event_name):
+        "Run `event_name`, first removing a hook an exception left (one escaped `fit` before the hook's pass)"
+        if self.__dict__.get('_hook') is not None and not self._in_batch(): self._disarm()
+        return super().__call__(event_name)
+
     def before_fit(self):
+        self._disarm()
         super().before_fit()
         self._resolve()
 
@@ -135,10 +141,12 @@ class ManifoldMixup(MixHandler):
         self._arm(pt)
 
     def _arm(self, pt):
-        "Hook `pt` for this batch's forward pass only: the hook mixes once, when the token is still this batch's"
-        tok,mix = object(),self.mix
+        "Hook `pt` for this batch's forward pass only: the hook mixes once, in this batch, while the token is this batch's"
+        tok,mix,f = object(),self.mix,_event_frame()
+        # The frame running this batch's events: the batch lasts while it is on the stack (None: no event, driven by hand)
+        self._batch = (id(f.f_back),f.f_back.f_code) if f is not None else None
         def hook(mod, args, out=None):
-            if self._token is not tok: self._remove(hook_handle); return None  # stale: never mix another pass
+            if self._token is not tok or not self._in_batch(): self._remove(hook_handle); return None  # stale: never mix another pass
             if not (mod.training and torch.is_grad_enabled()): return None
             self._token = None
             self._remove(hook_handle)
@@ -147,6 +155,10 @@ class ManifoldMixup(MixHandler):
         reg = pt.module.register_forward_pre_hook if pt.inp else pt.module.register_forward_hook
         hook_handle = reg(hook)
         self._hook,self._token,self._armed = hook_handle,tok,pt
+
+    def _in_batch(self) -> bool:
+        "Whether the batch the hook was set for is still running"
+        return self._batch is None or _on_stack(*self._batch)
 
     def _remove(self, h):
         h.remove()
@@ -173,4 +185,4 @@ class ManifoldMixup(MixHandler):
 
     def __getstate__(self):
         "Without hooks, model and eligible points (found again at the next fit), so that `learn.export` works"
-        return super().__getstate__() | dict(_hook=None, _token=None, _model=None, points=None)
+        return super().__getstate__() | dict(_hook=None, _token=None, _model=None, points=None, _batch=None)

@@ -6,14 +6,15 @@
 from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 import random
-import torch
+import numpy as np, pandas as pd, torch
+from torch import Tensor
 from fastcore.meta import delegates
 from torch.utils.data import IterableDataset
 from fastai.data.load import DataLoader
 from fastai.data.core import Datasets, TfmdLists, test_set
 from fastai.tabular.core import Tabular, TabDataLoader
 from .core import *
-from .callbacks import MixHandler, rank_world, loader_kept
+from .callbacks import MixHandler, rank_world, loader_kept, _event_frame, _on_stack
 
 # %% auto #0
 __all__ = ['SemiMix']
@@ -108,14 +109,14 @@ def _peek(dl):
 class SemiMix(MixHandler):
     "Blend each labeled sample with an unlabeled one, lam ~ Beta(`alpha`+1, `alpha`), and train on its own label (Huszár's form of mixup)"
     def __init__(self,
-        unlabeled=None, # Inputs without labels: a fastai DataLoader of inputs, or items (list, tensor, array, DataFrame) for the training pipeline; None: partners from the batch, the label-free form of mixup
+        unlabeled:DataLoader|Tensor|list|np.ndarray|pd.DataFrame|None=None, # Inputs without labels: a fastai DataLoader of inputs, or items (list, tensor, array, DataFrame) for the training pipeline; None: partners from the batch, the label-free form of mixup
         alpha:float=.4, # Mixup's alpha: the labeled sample keeps lam ~ Beta(alpha+1, alpha)
         **kwargs
     ):
         super().__init__(**kwargs)
         _check_source(unlabeled)
         self.unlabeled,self.alpha = unlabeled,check_alpha(alpha)
-        self.partner_xb,self._dl,self._it,self._rest = None,None,None,None
+        self.partner_xb,self._dl,self._it,self._rest,self._fit = None,None,None,None,None
 
     def _stream(self):
         "The unlabeled loader, made on first use"
@@ -147,9 +148,28 @@ class SemiMix(MixHandler):
         b = tuple(b) if isinstance(b, (tuple,list)) else (b,)
         return b[:getattr(self.dls, 'n_inp', 1 if len(b)==1 else len(b)-1)]  # as `Learner._split` does
 
+    def _release(self):
+        "End the stream's pass, so that a loader with workers stops them now; the next fit starts a new pass"
+        it,self._it,self._rest,self._fit = self._it,None,None,None
+        if hasattr(it, 'close'): it.close()  # fastai's loader iterates in a generator: closing it shuts its workers down
+
+    def __call__(self, event_name):
+        "Run `event_name`, first releasing the stream of a fit an exception ended (fastai runs no `after_fit` then)"
+        f = self.__dict__.get('_fit')
+        if f is not None and not _on_stack(*f): self._release()
+        return super().__call__(event_name)
+
+    @MixHandler.learn.setter
+    def learn(self, v):
+        "Attach to `Learner` `v` as `MixHandler` does, first releasing the stream of the one it leaves"
+        if v is not self.__dict__.get('learn'): self._release()
+        MixHandler.learn.fset(self, v)
+
     def before_fit(self):
         "Check the unlabeled source against the labeled inputs, before any batch is drawn for training"
         super().before_fit()
+        f = _event_frame()
+        self._fit = (id(f.f_back),f.f_back.f_code) if f is not None else None  # the fit lasts while this frame is on the stack
         if self.unlabeled is None: return
         xb = self._labeled_inputs()
         # The first unlabeled batch is kept for the first training batch: no sample is skipped
@@ -179,6 +199,11 @@ class SemiMix(MixHandler):
         # `mix` gathers the partners into a new tensor and blends there: neither the batch nor the unlabeled data is written
         self.learn.xb = tuple(self.mix(o, p) for o,p in zip(self.xb, self.partner_xb))
 
+    def after_fit(self):
+        "Release the stream (and its loader's workers) at the end of every fit"
+        self._release(); super().after_fit()
+    after_cancel_fit = after_fit
+
     def after_pred(self): "Never swaps the loss: the objective is the user's loss on each sample's own target"
     _mixes_targets = False  # the labeled sample's own targets, as given: never left to a mixed loss
 
@@ -201,4 +226,4 @@ class SemiMix(MixHandler):
 
     def __getstate__(self):
         "Without the stream's loader and position (a generator can't be pickled), so that `learn.export` works"
-        return super().__getstate__() | dict(partner_xb=None, _dl=None, _it=None, _rest=None)
+        return super().__getstate__() | dict(partner_xb=None, _dl=None, _it=None, _rest=None, _fit=None)

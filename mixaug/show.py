@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math, re, warnings
 from collections import namedtuple
+from typing import Protocol
 from fastcore.basics import patch
 from fastcore.meta import delegates
 from scipy import stats
@@ -128,7 +129,7 @@ def mix_titles(
     vocab:list|None=None, # Class names; default the integers
     partner:str|None=None, # Name for every partner, e.g. 'unlabeled' when partners have no label
 ) -> list[str]:
-    "One title per sample: its sources and weights, '3 ×0.72 + 7 ×0.28', with '(box)' where a CutMix box was pasted"
+    "One title per sample: its sources and weights, '3 ×0.72 + 7 ×0.28', with '(box)' where a box was pasted (CutMix, ResizeMix), '(mask)' where another region was"
     n = len(y0) if y0 is not None else len(mix.idx)
     k = _kind(y0)
     if k=='class': y0 = y0.view(n)
@@ -146,7 +147,7 @@ def mix_titles(
         if k=='soft' and partner is None: t = _top2(y[i], vocab)
         else: t = f"{src(i)} ×{lam:.2f} + {partner or src(j)} ×{1-lam:.2f}"
         if k=='value' and partner is None: t += f" = {_num(y[i])}"  # the mixed value
-        if mix.is_cut[i]: t += ' (box)'
+        if mix.is_cut[i]: t += ' (box)' if mix.box is not None else ' (mask)'
         res.append(t)
     return res
 
@@ -173,7 +174,10 @@ def _show_img(im, ax, title, fontsize):
     if title is not None: ax.set_title(title, fontsize=fontsize)
 
 def _draw_box(ax, mix, i, shape, color='yellow'):
-    "Outline the CutMix box of sample `i` on `ax`, for an image of spatial `shape`"
+    "Outline where sample `i` shows its partner on `ax`, for an image of spatial `shape`: a box (CutMix's, ResizeMix's), or the mask's edge (FMix's blob, GridMix's cells)"
+    if mix.box is None:  # any other region: the contour between kept and pasted positions
+        ax.contour(mix.keep(tuple(shape))[i].float().cpu().numpy(), levels=[.5], colors=[color], linewidths=1)
+        return
     (lo,hi),(h,w) = mix.box,shape
     y0,x0,y1,x1 = float(lo[i,0])*h,float(lo[i,1])*w,float(hi[i,0])*h,float(hi[i,1])*w
     ax.add_patch(Rectangle((x0-.5, y0-.5), x1-x0, y1-y0, fill=False, ec=color, lw=1))
@@ -201,17 +205,22 @@ def _wrap(t, width):
         else: lines.append(p)
     return '\n'.join(lines)
 
-def _fit_titles(axs) -> bool:
-    "Break each title that overlaps another title or panel, as drawn, before its ' + ' and ' = '; whether any was broken"
-    axs[0].figure.draw_without_rendering()  # places titles and applies the images' aspect
+def _fit_titles(axs, gap:float=1.) -> bool:
+    "Break each title that overlaps a panel, comes within `gap` em of another title or leaves the figure, as drawn, before its ' + ' and ' = '; whether any changed"
+    fig = axs[0].figure
+    fig.draw_without_rendering()  # places titles and applies the images' aspect
     ts = {a: a.title.get_window_extent() for a in axs if a.get_title()}
+    pad = {a: gap*a.title.get_fontsize()*fig.dpi/72/2 for a in ts}  # half the gap round each title, in pixels
     ims,broke = {a: a.get_window_extent() for a in axs},False
     for a,t in ts.items():
-        if not any(t.overlaps(o) for b,o in [*ts.items(), *ims.items()] if b is not a): continue
-        lines = a.get_title().split('\n')
-        n = max(map(len, lines))  # characters in the widest line, drawn t.width wide: lines of the panel's width hold
-        a.title.set_text(_wrap(' '.join(lines), max(8, min(n, int(n*ims[a].width/max(t.width, 1))))))
-        broke = True  # laid out again: a title taller than the gap above is spaced by the layout
+        near = any(t.padded(pad[a]).overlaps(o.padded(pad[b])) for b,o in ts.items() if b is not a)  # titles an em apart read as two
+        out = t.x0 < fig.bbox.x0 or t.x1 > fig.bbox.x1  # cut off by the figure's edge
+        if not (near or out or any(t.overlaps(o) for b,o in ims.items() if b is not a)): continue
+        old = a.get_title()
+        lines = old.split('\n')
+        n = max(map(len, lines))  # characters in the widest line, drawn t.width wide: lines of the panel's width, less the gap, hold
+        a.title.set_text(_wrap(' '.join(lines), max(8, min(n, int(n*(ims[a].width-2*pad[a])/max(t.width, 1))))))
+        broke |= a.get_title()!=old  # laid out again: a title taller than the gap above is spaced by the layout
     return broke
 
 # %% ../nbs/03_show.ipynb #b97d682f
@@ -275,7 +284,7 @@ def show_mix(
     boxes:bool=True, # Outline each CutMix box
     figsize:tuple|None=None, # Size of the figure; default 1.8 inches per panel
     axs:list|None=None, # Axes to draw into instead of a new figure (at least as many as panels)
-    fontsize:int=8, # Font size of the titles
+    fontsize:int=9, # Font size of the titles, in points
     **kwargs # Passed to mixed_batch: pct_train
 ):
     "Show `n` mixed training samples as the model sees them, titled with sources and weights (and masks); a DataFrame for non-image inputs"
@@ -323,7 +332,9 @@ def show_mix(
                      fontsize=fontsize)
     def layout(): fig.tight_layout(rect=(0, 0, 1, .94) if where is not None else (0, 0, 1, 1))
     layout()
-    if _fit_titles(axs[:n*per]): layout()
+    for _ in range(3):  # a title broken to fit can move the panels: look again
+        if not _fit_titles(axs[:n*per]): break
+        layout()
     return axs[:n*per]
 
 # %% ../nbs/03_show.ipynb #9155bdda
@@ -346,14 +357,23 @@ def lam_pdf(
     return law.pdf(x) + law.pdf(1-x) if fold else law.pdf(x)
 
 # %% ../nbs/03_show.ipynb #d043808b
+def _same_laws(ls):
+    "Laws `ls` with identical ones (same alpha, beta and fold) made one, its label naming each: their curves would lie on each other"
+    res = {}
+    for l in ls:
+        k = (float(l['alpha']), float(l['alpha'] if l['beta'] is None else l['beta']), bool(l['fold']))
+        if k in res: res[k]['label'] += '\n= ' + l['label']
+        else: res[k] = dict(l)
+    return list(res.values())
+
 def plot_lam(
     *laws, # Alphas (numbers), mixing callbacks, or dicts of alpha, beta, fold, label
     fold:bool=False, # For alphas: fold to max(lam, 1-lam), as MixUp(fold=True) does
     asymmetric:bool=False, # For alphas: Beta(alpha+1, alpha), SemiMix's law, instead of Beta(alpha, alpha)
     samples:int=0, # Also draw a histogram of this many draw_lam samples per law
-    ax=None, # Axes to draw on; default a new figure
+    ax:plt.Axes|None=None, # Axes to draw on; default a new figure
     figsize:tuple=(5,3), # Size of a new figure
-):
+) -> plt.Axes:
     "Plot the density of lambda for each of `laws`, to help choose `alpha`; returns the axes"
     if not laws: laws = (0.2, 0.4, 1., 4.)
     ls = []
@@ -366,7 +386,9 @@ def plot_lam(
         elif isinstance(o, MixHandler): ls += o.lam_laws()
         else: raise TypeError(f"`laws` must be alphas (numbers > 0) or mixing callbacks; got {o!r}")
     if ax is None: _,ax = plt.subplots(figsize=figsize)
-    top = 0.
+    fig = ax.figure  # a figure with no layout engine gets one: saved, it keeps its axis labels (a subfigure has its parent's)
+    if hasattr(fig, 'set_layout_engine') and fig.get_layout_engine() is None: fig.set_layout_engine('constrained')
+    top,ls = 0.,_same_laws(ls)
     for l in ls:
         lo = 0. if l['fold'] else -14.
         x = 1/(1+np.exp(-np.linspace(lo, 14, 2001)))  # dense near 0 and 1, where small alphas put their mass
@@ -378,7 +400,8 @@ def plot_lam(
         inner = (x > .03) & (x < .97)
         top = max(top, float(y[inner].max()))
     ax.set_ylim(0, top*1.3); ax.set_xlim(0, 1)
-    ax.set_xlabel('lambda: weight a sample keeps of itself'); ax.set_ylabel('density'); ax.legend(fontsize=8)
+    ax.set_xlabel('lambda: weight a sample keeps of itself'); ax.set_ylabel('density')
+    ax.legend(fontsize=9, ncols=1 if len(ls)<3 else 2)  # in two columns, it stays in the room left above the curves
     return ax
 
 # %% ../nbs/03_show.ipynb #98d5c466
@@ -395,6 +418,10 @@ def _grid(x, nrow):
     return make_grid(x.clamp(0,1), nrow=nrow, padding=2)
 
 # %% ../nbs/03_show.ipynb #cb3fd6af
+class _ImageLogger(Protocol):
+    "What `LogMixes` logs to: anything with the `add_image` of TensorBoard's `SummaryWriter`"
+    def add_image(self, tag:str, img:Tensor, step:int): ...
+
 class LogMixes(Callback):
     "Every `every` training batches, log grids of the mixed, original and |difference| inputs to TensorBoard or W&B"
     order,run_valid = MixHandler.order-1,False  # before the mixing: keeps a reference to the batch as it comes
@@ -402,7 +429,7 @@ class LogMixes(Callback):
         every:int=100, # Log every this many training batches
         n:int=8, # Number of samples in each grid
         nrow:int=8, # Images per row of a grid
-        logger=None, # Anything with TensorBoard's add_image(tag, img, step); default the Learner's TensorBoard or W&B callback
+        logger:_ImageLogger|None=None, # Anything with TensorBoard's add_image(tag, img, step); default the Learner's TensorBoard or W&B callback
         cb:MixHandler|None=None, # The mixing callback to follow; default the one in learn.cbs
     ):
         every,n,nrow = check_count(every, 'every', 'a number of batches'),check_count(n, 'n', 'the number of samples in a grid'),check_count(nrow, 'nrow', 'the number of images per row')

@@ -5,6 +5,7 @@
 # %% ../nbs/97_test_utils.ipynb #2e7f7fed
 from __future__ import annotations
 import torch, torch.nn as nn
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 import numpy as np
 from scipy import stats
@@ -15,7 +16,8 @@ import fastai.callback.progress  # `Learner.no_bar`, which `quiet_fit` uses
 
 # %% auto #0
 __all__ = ['small_figures', 'run_batch', 'quiet_fit', 'tiny_dls', 'tiny_learner', 'identity_batch', 'read_shares', 'lin_model',
-           'TwoIn', 'ViewDL', 'fits_law', 'CountSyncs', 'CountOps']
+           'TwoIn', 'ViewDL', 'expected_loss', 'fits_law', 'binom_p', 'uniform_p', 'brentq_ppf', 'law_edges', 'law_p',
+           'CountSyncs', 'CountOps', 'CountBytes']
 
 # %% ../nbs/97_test_utils.ipynb #8cec2a43
 def small_figures(dpi:int=72, fmt:str='png', fontsize:int=8):
@@ -80,6 +82,13 @@ class ViewDL(DataLoader):
     def __init__(self, *tensors, **kwargs): self.tensors = tensors; super().__init__(range(len(tensors[0])), **kwargs)
     def create_batch(self, b): return tuple(t[b[0]:b[-1]+1] for t in self.tensors)
 
+# %% ../nbs/97_test_utils.ipynb #df1a737a
+def expected_loss(pred, W, y, eps=0.):
+    "The per-source objective: sum over samples i and sources s of `W[i,s]` * CE(`pred[i]`, `y[s]`), averaged over samples"
+    import torch.nn.functional as F
+    L = torch.stack([F.cross_entropy(pred, y[s].expand(len(pred)), reduction='none', label_smoothing=eps) for s in range(len(y))], 1)
+    return (W*L).sum(1).mean()
+
 # %% ../nbs/97_test_utils.ipynb #a75d6acf
 def fits_law(lam, cdf, edges=None):
     "p-value of a chi-square test of sample `lam` against `cdf`, on bins `edges` (default 20 equal bins on [0, 1])"
@@ -87,6 +96,43 @@ def fits_law(lam, cdf, edges=None):
     counts = torch.histogram(torch.as_tensor(lam).detach().cpu().double(), torch.tensor(edges)).hist.numpy()
     probs = np.diff([float(cdf(e)) for e in edges])
     return stats.chisquare(counts, probs/probs.sum()*counts.sum()).pvalue
+
+# %% ../nbs/97_test_utils.ipynb #06e44756
+def binom_p(hits, q:float) -> float:
+    "p-value of a two-sided binomial test that the 0/1 sample `hits` has success probability `q`"
+    hits = torch.as_tensor(hits).detach().cpu()
+    return stats.binomtest(int(hits.sum()), hits.numel(), q).pvalue
+
+def uniform_p(values, k:int) -> float:
+    "p-value of a chi-square test that the integers `values` are uniform over `range(k)`"
+    counts = torch.bincount(torch.as_tensor(values).detach().cpu().flatten().long(), minlength=k).numpy()
+    if len(counts) > k: return 0.  # a value outside the range
+    return stats.chisquare(counts).pvalue
+
+# %% ../nbs/97_test_utils.ipynb #6d3941ca
+def brentq_ppf(cdf, p:float) -> float:
+    "The `p` quantile of `cdf` on [0, 1], by bisection (works for any cdf, folded ones too)"
+    lo,hi = 0.,1.
+    for _ in range(80):
+        mid = (lo+hi)/2
+        if cdf(mid) < p: lo = mid
+        else: hi = mid
+    return hi
+
+def law_edges(cdf, n:int, k:int=20) -> list:
+    "Bins for a chi-square test of `n` float32 draws against `cdf`: `k` of equal probability plus the tails, each expecting >= 5"
+    q = [float(brentq_ppf(cdf, p)) for p in np.linspace(0, 1, k+1)[1:-1]]
+    tails = [1e-30, 1e-20, 1e-10, 1e-5, 1e-3, 1-1e-3, 1-1e-5]  # float32 resolves these (not 1-1e-8)
+    cand = sorted({0., 1.} | {e for e in q+tails if 1e-38 < e < 1-1e-6})
+    edges = [0.]
+    for e in cand[1:-1]:
+        if (cdf(e)-cdf(edges[-1]))*n >= 5: edges.append(e)
+    if (1-cdf(edges[-1]))*n < 5 and len(edges)>1: edges.pop()
+    return edges+[1.]
+
+def law_p(lam, cdf) -> float:
+    "p-value of a chi-square test of sample `lam` against `cdf` on `law_edges`: equal-probability bins and the tails"
+    return fits_law(lam, cdf, law_edges(cdf, len(lam)))
 
 # %% ../nbs/97_test_utils.ipynb #e7fb284b
 class CountSyncs(TorchDispatchMode):
@@ -109,3 +155,40 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
     @property
     def n(self): return sum(self.ops.values())
+
+# %% ../nbs/97_test_utils.ipynb #40a1ba34
+def _span(t:Tensor) -> int:
+    "Bytes of memory tensor `t` covers: a broadcast (stride 0) dim is read once, a strided view spans its gaps"
+    if t.numel()==0: return 0
+    return (1 + sum((s-1)*abs(st) for s,st in zip(t.shape, t.stride())))*t.element_size()
+
+_WRITE_ONLY = {'copy_', 'fill_', 'zero_', 'uniform_', 'normal_', 'random_', 'bernoulli_', 'exponential_'}
+_SHAPE_ONLY = {'new_zeros', 'new_ones', 'new_full', 'zeros_like', 'ones_like', 'full_like', 'rand_like', 'randn_like', 'randint_like'}  # read no data
+
+class CountBytes(TorchDispatchMode):
+    "Count the bytes read and written by every aten op that launches a kernel (not views, not `empty*`): `read`, `written`, `n`"
+    def __init__(self): super().__init__(); self.read,self.written,self.ops = 0,0,{}
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if torch.Tag.view_copy in func.tags or func.is_view or name in _NO_KERNEL or func is torch.ops.aten._local_scalar_dense.default: return out
+        sch,seen,rd,wr = func._schema,set(),0,0
+        vals = list(args) + [kwargs.get(a.name) for a in sch.arguments[len(args):]]
+        for a,v in zip(sch.arguments, vals):
+            ts = [v] if isinstance(v, Tensor) else [o for o in v if isinstance(o, Tensor)] if isinstance(v, (list,tuple)) else []
+            written = a.alias_info is not None and a.alias_info.is_write
+            if name in _SHAPE_ONLY and a.name=='self': continue
+            for t in ts:
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+                if written: wr += _span(t)  # an in-place op's self, or an `out=`
+                if key in seen or (written and (name in _WRITE_ONLY or a.kwarg_only)): continue
+                seen.add(key); rd += _span(t)  # a tensor passed twice is read once
+        if not any(a.alias_info is not None and a.alias_info.is_write for a in sch.arguments):
+            res = out if isinstance(out, (list,tuple)) else [out]
+            wr += sum(_span(t) for t in res if isinstance(t, Tensor))
+        self.read += rd; self.written += wr
+        self.ops[name] = self.ops.get(name, 0) + rd + wr
+        return out
+    @property
+    def n(self): return self.read + self.written

@@ -22,7 +22,8 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
-from mixaug.callbacks import MixUp, CutMix, CutMixUp
+from mixaug.callbacks import MixUp, CutMix
+from mixaug.mixers import CutMixUp
 
 # Every sample carries its identity: global sample `g` is 1 in channel `g` and 0 elsewhere (4x4 pixels, so CutMix
 # can cut boxes). Ids 0-23 are the labeled training set, 24-31 validation, 32-63 unlabeled (for SemiMix).

@@ -26,7 +26,8 @@ import fastai.callback.mixup as fmix
 from timm.data import Mixup as TimmMixup
 from torchvision.transforms import v2
 import mixaug
-from mixaug.callbacks import MixUp, CutMix, CutMixUp
+from mixaug.callbacks import MixUp, CutMix
+from mixaug.mixers import CutMixUp
 from mixaug.semimix import SemiMix
 
 warnings.filterwarnings('ignore')

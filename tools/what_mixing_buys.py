@@ -16,7 +16,8 @@ from fastai.learner import Learner
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.callback.schedule import *  # `fit_one_cycle`
-from mixaug.callbacks import MixUp, CutMix, CutMixUp
+from mixaug.callbacks import MixUp, CutMix
+from mixaug.mixers import CutMixUp
 from mixaug.demo import digits_cnn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
