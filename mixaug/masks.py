@@ -283,6 +283,7 @@ def draw_resizemix(
     tau = as_real(tau, 'tau', 'the side ratio, a number in (0, 1]')
     if not 0 < tau <= 1: raise ValueError(f"`tau` is the box's side over the input's, a number in (0, 1]; got {tau!r}")
     side = tuple(min(s, max(1, round(tau*s))) for s in spatial)
+    if n==1: return Mix(torch.zeros(1, dtype=torch.long, device=x.device), torch.ones(1, device=x.device))  # no partner: as it is
     u = _draw(torch.rand, 1+len(spatial), n, device=x.device, generator=generator)
     free = torch.tensor([s-k+1 for s,k in zip(spatial, side)], device=x.device)
     v = u[1:,:1].expand(-1, n) if per_batch else u[1:]

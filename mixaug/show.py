@@ -361,13 +361,13 @@ def _same_laws(ls):
     "Laws `ls` with identical ones (same alpha, beta and fold) made one, its label naming each: their curves would lie on each other"
     res = {}
     for l in ls:
-        k = (float(l['alpha']), float(l['alpha'] if l['beta'] is None else l['beta']), bool(l['fold']))
+        k = ('pdf', l['label']) if 'pdf' in l else (float(l['alpha']), float(l['alpha'] if l['beta'] is None else l['beta']), bool(l['fold']))
         if k in res: res[k]['label'] += '\n= ' + l['label']
         else: res[k] = dict(l)
     return list(res.values())
 
 def plot_lam(
-    *laws, # Alphas (numbers), mixing callbacks, or dicts of alpha, beta, fold, label
+    *laws, # Alphas (numbers), mixing callbacks, or dicts of alpha, beta, fold, label (or of label and pdf, a density function)
     fold:bool=False, # For alphas: fold to max(lam, 1-lam), as MixUp(fold=True) does
     asymmetric:bool=False, # For alphas: Beta(alpha+1, alpha), SemiMix's law, instead of Beta(alpha, alpha)
     samples:int=0, # Also draw a histogram of this many draw_lam samples per law
@@ -390,11 +390,11 @@ def plot_lam(
     if hasattr(fig, 'set_layout_engine') and fig.get_layout_engine() is None: fig.set_layout_engine('constrained')
     top,ls = 0.,_same_laws(ls)
     for l in ls:
-        lo = 0. if l['fold'] else -14.
+        lo = 0. if l.get('fold') else -14.
         x = 1/(1+np.exp(-np.linspace(lo, 14, 2001)))  # dense near 0 and 1, where small alphas put their mass
-        y = lam_pdf(x, l['alpha'], l['beta'], l['fold'])
+        y = l['pdf'](x) if 'pdf' in l else lam_pdf(x, l['alpha'], l['beta'], l['fold'])
         line, = ax.plot(x, y, label=l['label'])
-        if samples:
+        if samples and 'pdf' not in l:  # a law given by its density alone (ResizeMix's) has no sampler here
             s = draw_lam(samples, l['alpha'], l['beta'], fold=l['fold']).numpy()
             ax.hist(s, bins=40, range=(0.5 if l['fold'] else 0., 1.), density=True, alpha=.3, color=line.get_color())
         inner = (x > .03) & (x < .97)
