@@ -30,7 +30,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_path'], cfg['lib_path'] + '.*']),
     include_package_data=True,
     install_requires=cfg.get('requirements', '').split(),
-    extras_require={'dev': cfg.get('dev_requirements', '').split()},
+    extras_require={'dev': cfg.get('dev_requirements', '').split(), 'lightning': cfg.get('lightning_requirements', '').split()},
     python_requires='>=' + cfg['min_python'],
     long_description=readme.read_text() if readme.exists() else cfg['description'],
     long_description_content_type='text/markdown',

@@ -11,11 +11,11 @@ from torch import Tensor
 from fastcore.meta import delegates
 from fastai.callback.core import Callback
 from fastai.learner import Learner
-from .core import *
+from .core import *  # with the argument checks, `rank_world` and `mix_rng` every front-end shares
 from .masks import *
 
 # %% auto #0
-__all__ = ['rank_world', 'loader_kept', 'MixHandler', 'MixUp', 'CutMix']
+__all__ = ['loader_kept', 'MixHandler', 'MixUp', 'CutMix']
 
 # %% ../nbs/01_callbacks.ipynb #bf1a78da
 def _event_frame():
@@ -69,17 +69,6 @@ class _MixedLoss:
     def __reduce__(self): return operator.getitem,([self.loss_func], 0)  # unpickles as the user's loss itself: `learn.export` saves it
 
 # %% ../nbs/01_callbacks.ipynb #98f6282e
-def rank_world() -> tuple[int,int]:
-    "This process's rank and the number of processes, `(0, 1)` outside distributed training"
-    dist = torch.distributed
-    return (dist.get_rank(),dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0,1)
-
-def _broadcast_from_rank0(o):
-    "Rank 0's `o` on every process (once per fit: a collective every rank reaches at its first training batch)"
-    res = [o]
-    torch.distributed.broadcast_object_list(res, src=0)
-    return res[0]
-
 @contextmanager
 def loader_kept(dl):
     "Put back on exit the attributes and random state of loader `dl`, and the global random states, even after an error"
@@ -95,29 +84,6 @@ def loader_kept(dl):
         random.setstate(pst); np.random.set_state(nst)
 
 # %% ../nbs/01_callbacks.ipynb #dd20dc46
-def _check_bool(v, name:str) -> bool:
-    "`v` if it is a bool (Python's or numpy's), else a `TypeError` naming `name`"
-    if isinstance(v, (bool, np.bool_)): return bool(v)
-    raise TypeError(f"`{name}` must be True or False; got {v!r} ({type(v).__name__})")
-
-def _check_seed(seed):
-    "`seed` as an int, None, or an error naming it: an integer that torch's `manual_seed` takes once the rank is added"
-    if seed is None: return None
-    if isinstance(seed, Tensor) and seed.ndim==0 and not seed.is_floating_point() and seed.dtype!=torch.bool: seed = seed.item()
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)): raise TypeError(
-        f"`seed` must be None or an integer; got {seed!r} ({type(seed).__name__})")
-    if not -2**63 <= int(seed) < 2**63: raise ValueError(
-        f"`seed` must be an integer in [-2**63, 2**63) (torch's generator seeds, with room for the process rank); got {seed!r}")
-    return int(seed)
-
-def _check_per_position(v):
-    "None, or a tuple of bools (one per target), or an error naming `per_position`"
-    if v is None: return None
-    if isinstance(v, (bool, np.bool_)): v = (v,)
-    if not isinstance(v, (list, tuple)) or not all(isinstance(o, (bool, np.bool_)) for o in v): raise TypeError(
-        f"`per_position` must be None or a bool per target (True for masks and other per-position targets); got {v!r}")
-    return tuple(bool(o) for o in v)
-
 class MixHandler(Callback):
     "Base for the mixing callbacks: draws a `Mix` for each training batch and applies it to inputs, targets and loss"
     run_valid,order = False,90  # runs after other callbacks' `before_batch`, so it mixes the batch they prepared
@@ -130,14 +96,7 @@ class MixHandler(Callback):
         same_on_all_ranks:bool=False, # In distributed training, draw the same mixes on every process
         per_position:bool|list|None=None, # A bool per target (in yb order): True for masks and other per-position targets; None: from the targets' types, then shapes
     ):
-        self.p = check_prob(p, 'p', 'the probability of mixing a batch')
-        self.stop_at = check_prob(stop_at, 'stop_at', 'a fraction of training')
-        self.seed = _check_seed(seed)
-        if generator is not None and not isinstance(generator, torch.Generator): raise TypeError(
-            f"`generator` must be None or a torch.Generator; got {generator!r} ({type(generator).__name__})")
-        self.generator = generator
-        self.same_on_all_ranks = _check_bool(same_on_all_ranks, 'same_on_all_ranks')
-        self.per_position = _check_per_position(per_position)
+        self.__dict__.update(mix_args(p, stop_at, seed, generator, same_on_all_ranks, per_position))
         self.coin,self.mix,self.mix_loss,self._stand_in = None,None,False,None
 
     def draw(self, x:Tensor, generator) -> Mix:
@@ -164,15 +123,7 @@ class MixHandler(Callback):
 
     def _gen(self, device):
         "The generator to draw with on `device`: the one given, else the callback's own when seeded or distributed"
-        if self.coin is None:
-            rank,world = rank_world()
-            seed = self.seed
-            if seed is None and world>1 and self.generator is None:
-                seed = int(torch.randint(2**62, (1,)))  # distributed: from torch's global (CPU) generator, plus the rank below
-                if self.same_on_all_ranks: seed = _broadcast_from_rank0(seed)
-            if seed is not None and not self.same_on_all_ranks: seed += rank  # each process draws its own mixes
-            self.coin = random.Random(seed)
-            if self.generator is None and seed is not None: self.generator = torch.Generator(device).manual_seed(seed)
+        if self.coin is None: self.coin,self.generator = mix_rng(self.seed, self.generator, self.same_on_all_ranks, device)
         return self.generator
 
     @property
@@ -289,7 +240,7 @@ class MixUp(MixHandler):
         **kwargs
     ):
         super().__init__(**kwargs)
-        self.alpha,self.per_batch,self.fold = check_alpha(alpha),_check_bool(per_batch, 'per_batch'),_check_bool(fold, 'fold')
+        self.alpha,self.per_batch,self.fold = check_alpha(alpha),check_bool(per_batch, 'per_batch'),check_bool(fold, 'fold')
 
     def draw(self, x, generator):
         return draw_mixup(len(x), self.alpha, fold=self.fold, per_batch=self.per_batch, device=x.device, generator=generator)
@@ -304,6 +255,6 @@ class CutMix(MixHandler):
         **kwargs
     ):
         super().__init__(**kwargs)
-        self.alpha,self.per_batch = check_alpha(alpha),_check_bool(per_batch, 'per_batch')
+        self.alpha,self.per_batch = check_alpha(alpha),check_bool(per_batch, 'per_batch')
 
     def draw(self, x, generator): return draw_cutmix(x, self.alpha, per_batch=self.per_batch, generator=generator)

@@ -4,15 +4,26 @@
 
 # %% ../nbs/00_core.ipynb #c72860fa
 from __future__ import annotations
-import math, inspect, functools, numbers, operator, sys
+import math, inspect, functools, numbers, operator, random, sys
+from collections.abc import Mapping
+import numpy as np
 import torch, torch.nn as nn, torch.nn.functional as F
 from torch import Tensor
 from typing import Callable
-from fastcore.basics import patch
+try: from fastcore.basics import patch
+except ImportError:  # plain PyTorch, without fastai: the one piece of fastcore the engine uses
+    def patch(f):
+        "Add function `f` to the class its first parameter is annotated with (fastcore's `patch`)"
+        cls = next(iter(f.__annotations__.values()))
+        if isinstance(cls, str): cls = eval(cls, f.__globals__)  # annotations are strings here (`from __future__`)
+        f.__qualname__ = f"{cls.__name__}.{f.__name__}"
+        setattr(cls, f.__name__, f)
+        return f.__globals__.get(f.__name__)  # as fastcore: the module's name is left as it was
 
 # %% auto #0
-__all__ = ['NoneReduce', 'as_real', 'check_alpha', 'check_prob', 'check_count', 'draw_lam', 'draw_partners', 'blend',
-           'kept_fraction', 'Region', 'Mix', 'draw_mixup']
+__all__ = ['NoneReduce', 'as_real', 'check_alpha', 'check_prob', 'check_bool', 'check_seed', 'check_per_position', 'check_probs',
+           'mix_args', 'rank_world', 'mix_rng', 'check_count', 'draw_lam', 'draw_partners', 'blend', 'kept_fraction',
+           'Region', 'Mix', 'draw_mixup']
 
 # %% ../nbs/00_core.ipynb #ea762772
 def _takes_reduction(f):
@@ -101,6 +112,91 @@ def check_prob(
     v = as_real(p, name, f"{what}, a number in [0, 1]")
     if not 0 <= v <= 1: raise ValueError(f"`{name}` is {what}, a number in [0, 1]; got {p!r}")
     return v
+
+# %% ../nbs/00_core.ipynb #0b87b9b6
+def check_bool(
+    v, # The value given
+    name:str, # The argument's name, for the error message
+) -> bool:
+    "`v` if it is a bool (Python's or numpy's), else a `TypeError` naming `name`"
+    if isinstance(v, (bool, np.bool_)): return bool(v)
+    raise TypeError(f"`{name}` must be True or False; got {v!r} ({type(v).__name__})")
+
+def check_seed(
+    seed, # The value given: None, a Python or numpy integer, or a 0-d integer tensor
+) -> int|None:
+    "`seed` as an int or None, else an error naming it: an integer that torch's `manual_seed` takes once the rank is added"
+    if seed is None: return None
+    if isinstance(seed, Tensor) and seed.ndim==0 and not seed.is_floating_point() and seed.dtype!=torch.bool: seed = seed.item()
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)): raise TypeError(
+        f"`seed` must be None or an integer; got {seed!r} ({type(seed).__name__})")
+    if not -2**63 <= int(seed) < 2**63: raise ValueError(
+        f"`seed` must be an integer in [-2**63, 2**63) (torch's generator seeds, with room for the process rank); got {seed!r}")
+    return int(seed)
+
+def check_per_position(
+    v, # The value given: None, a bool, or a list or tuple of bools
+) -> tuple|None:
+    "None, or a tuple of bools (one per target), else a `TypeError` naming `per_position`"
+    if v is None: return None
+    if isinstance(v, (bool, np.bool_)): v = (v,)
+    if not isinstance(v, (list, tuple)) or not all(isinstance(o, (bool, np.bool_)) for o in v): raise TypeError(
+        f"`per_position` must be None or a bool per target (True for masks and other per-position targets); got {v!r}")
+    return tuple(bool(o) for o in v)
+
+def check_probs(
+    probs, # The value given: a list or tuple of `k` probabilities, or None
+    k:int, # The number of options (mixers)
+) -> list:
+    "`probs` as a list of `k` floats >= 0 summing to 1 (within 1e-6), or an error naming it; None: all `1/k`"
+    if probs is None: return [1/k]*k
+    msg = f"`probs` must be {k} probabilities (numbers >= 0 summing to 1), one per mixer; got {probs!r}"
+    if not isinstance(probs, (list, tuple)) or len(probs)!=k: raise ValueError(msg)
+    ps = [check_prob(p, 'probs', "a mixer's probability") for p in probs]
+    if abs(sum(ps)-1) > 1e-6: raise ValueError(msg)
+    return ps
+
+def mix_args(
+    p:float=1., # Probability of mixing a training batch
+    stop_at:float=1., # Fraction of training after which batches are no longer mixed
+    seed:int|None=None, # Seed for a generator of the callback's own
+    generator:torch.Generator|None=None, # Or a generator to draw with
+    same_on_all_ranks:bool=False, # In distributed training, draw the same mixes on every process
+    per_position:bool|list|None=None, # A bool per target: True for masks and other per-position targets
+) -> dict:
+    "The arguments every front-end's mixing callback takes, checked (errors name them), as the attributes it keeps"
+    if generator is not None and not isinstance(generator, torch.Generator): raise TypeError(
+        f"`generator` must be None or a torch.Generator; got {generator!r} ({type(generator).__name__})")
+    return dict(p=check_prob(p, 'p', 'the probability of mixing a batch'), stop_at=check_prob(stop_at, 'stop_at', 'a fraction of training'),
+                seed=check_seed(seed), generator=generator, same_on_all_ranks=check_bool(same_on_all_ranks, 'same_on_all_ranks'),
+                per_position=check_per_position(per_position))
+
+# %% ../nbs/00_core.ipynb #4955247d
+def rank_world() -> tuple[int,int]:
+    "This process's rank and the number of processes, `(0, 1)` outside distributed training"
+    dist = torch.distributed
+    return (dist.get_rank(),dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0,1)
+
+def _broadcast_from_rank0(o):
+    "Rank 0's `o` on every process (once per fit: a collective every rank reaches at its first training batch)"
+    res = [o]
+    torch.distributed.broadcast_object_list(res, src=0)
+    return res[0]
+
+def mix_rng(
+    seed:int|None, # The callback's seed, as `check_seed` gives it; None: unseeded
+    generator:torch.Generator|None, # The generator the user gave; None: the callback's own when seeded or distributed
+    same_on_all_ranks:bool, # In distributed training, the same draws on every process (else seed + rank on each)
+    device=None, # The device of a generator made here: the batch's
+) -> tuple[random.Random,torch.Generator|None]:
+    "The host coin and the torch generator a mixing callback draws with, made at its first batch (every front-end's rule)"
+    rank,world = rank_world()
+    if seed is None and world>1 and generator is None:
+        seed = int(torch.randint(2**62, (1,)))  # distributed: from torch's global (CPU) generator, plus the rank below
+        if same_on_all_ranks: seed = _broadcast_from_rank0(seed)
+    if seed is not None and not same_on_all_ranks: seed += rank  # each process draws its own mixes
+    if generator is None and seed is not None: generator = torch.Generator(device).manual_seed(seed)
+    return random.Random(seed),generator
 
 # %% ../nbs/00_core.ipynb #be735ba5
 def _draw(fn, *shape, device=None, generator=None):
@@ -278,8 +374,10 @@ class Mix:
         cut:Tensor|None=None, # Bool per sample: cut by `region`, else interpolated by lam. None: all cut
         spatial:tuple=(), # Spatial shape of the first input (where lam of a cut sample was measured)
         per_position:tuple|None=None, # One bool per target, whether it is per position (a mask), or None: from its type or shape
+        lam_y:Tensor|None=None, # Weight each sample's own label keeps in its target, if not `lam` (Remix's label weights)
     ):
         self.idx,self.lam,self.region,self.cut,self.spatial,self.per_position = idx,lam,region,cut,tuple(spatial),per_position
+        self.lam_y = lam_y
         self._maps,self._keeps,self._srcs = {},{},{}
 
     def __call__(self,
@@ -290,6 +388,11 @@ class Mix:
         return self._mix(t, self.is_spatial(t), partners) if isinstance(t, Tensor) else t
 
     def __repr__(self): return f"{type(self).__name__}(n={len(self.idx)}, {type(self.region).__name__ if self.region is not None else 'mixup'})"
+
+    @property
+    def target_lam(self) -> Tensor:
+        "Weight each sample's own targets keep, per sample: `lam_y` if given, else `lam`"
+        return self.lam if self.lam_y is None else self.lam_y
 
     @property
     def box(self) -> tuple|None:
@@ -393,11 +496,11 @@ class Mix:
 
 # %% ../nbs/00_core.ipynb #7d3a9c1e
 @patch
-def _mix(self:Mix, t:Tensor, per_position:bool, partners:Tensor|None=None) -> Tensor:
-    "A new tensor: `t` mixed with its partners, pasted by the region if `per_position`, else weighted by `lam`"
+def _mix(self:Mix, t:Tensor, per_position:bool, partners:Tensor|None=None, lam:Tensor|None=None) -> Tensor:
+    "A new tensor: `t` mixed with its partners, pasted by the region if `per_position`, else weighted by `lam` (default `self.lam`)"
     src = t if partners is None else partners
     if len(self.idx)==0: return t.clone()  # an empty batch passes through
-    if self.region is None or not per_position: return _blend_fresh(t, src[self.idx], _spread(self.lam, t.ndim))
+    if self.region is None or not per_position: return _blend_fresh(t, src[self.idx], _spread(self.lam if lam is None else lam, t.ndim))
     if self.cut is None: return self._pasted(t, partners)  # each position shows one source
     w = self.weight(t, True)
     if self.region.resizes or not t.is_floating_point():
@@ -421,7 +524,7 @@ def targets(self:Mix,
     # they are the mixup paper's targets, the one option left
     lerp = loss_func is not None and (_linear_in_target(loss_func) or not _per_sample(loss_func))
     if not (all(pasted) or lerp): return ys,True
-    return tuple(self._mix(y, p) for y,p in zip(ys,pp)),False
+    return tuple(self._mix(y, p, lam=self.target_lam) for y,p in zip(ys,pp)),False  # label weights, where they differ
 
 # %% ../nbs/00_core.ipynb #3f13e6a5
 @patch
@@ -430,7 +533,7 @@ def loss(self:Mix,
     pred, # The model's output
     *ys, # The targets as given
 ) -> Tensor:
-    "The mixed objective from the targets as given: `loss_func` on each source's targets, weighted by `lam` per sample"
+    "The mixed objective from the targets as given: `loss_func` on each source's targets, weighted by `target_lam` per sample"
     n = len(self.idx)
     a,b = zip(*[self.loss_sources(y, p) for y,p in zip(ys, self._positions(ys))]) if ys and n else (ys,ys)
     if all(o is p for o,p in zip(a,b)): return loss_func(pred, *a)  # one source at every position: the plain loss
@@ -438,8 +541,50 @@ def loss(self:Mix,
     if la.ndim==0 or la.numel()%n: raise ValueError(
         f"Can't weight the unreduced loss of shape {tuple(la.shape)} by sample: its size must be a multiple of the batch size {n}")
     # Losses keep samples outermost (fastai's flattened losses too), so each sample's elements share its weight
-    mixed = torch.lerp(lb.reshape(n,-1), la.reshape(n,-1), self.lam.to(la.dtype)[:,None]).reshape(la.shape)
+    mixed = torch.lerp(lb.reshape(n,-1), la.reshape(n,-1), self.target_lam.to(la.dtype)[:,None]).reshape(la.shape)
     return _reduce_loss(mixed, _loss_reduction(loss_func))
+
+# %% ../nbs/00_core.ipynb #782ac3cc
+@patch
+def soft_targets(self:Mix,
+    y:Tensor, # A target: class indices `(n,)`, a mask of them `(n, *spatial)`, or float soft targets `(n, classes, ...)`
+    n_classes:int|None=None, # Number of classes, to one-hot class indices (needed for them)
+    loss_func:Callable|None=None, # The loss they are for: refused if mixed soft targets are not its mixed objective
+) -> Tensor:
+    "Mixed soft targets for `y`, always: class indices one-hot first, then interpolated by lam, or pasted where cut"
+    if not isinstance(y, Tensor): raise TypeError(f"`y` must be a tensor of targets; got {type(y).__name__}")
+    pp = self.per_position
+    p = self._positions((y,))[0] if pp is None or len(pp)==1 else self.is_spatial(y)
+    if y.is_floating_point(): soft = y
+    else:
+        if n_classes is None: raise ValueError(
+            f"`n_classes` is needed to one-hot class indices (`y` is {str(y.dtype).replace('torch.', '')}); got None")
+        soft = F.one_hot(y.long(), check_count(n_classes, 'n_classes', 'the number of classes')).to(torch.float32)
+        if y.ndim>1: soft = soft.movedim(-1, 1)  # (n, classes, *spatial), as a model's per-position output
+    if loss_func is not None and not (p and self.exact) and _per_sample(loss_func) and not _linear_in_target(loss_func):
+        raise ValueError(f"Mixed soft targets are the mixed objective only for a loss linear in them (cross-entropy, binary "
+                         f"cross-entropy); `loss_func`={loss_func!r} is not: use `mix.loss(loss_func, pred, y)` on the targets as given")
+    lam = getattr(self, 'target_lam', self.lam)  # label weights, where they differ from the inputs'
+    return self._mix(soft, p) if lam is self.lam else self._mix(soft, p, lam=lam)
+
+# %% ../nbs/00_core.ipynb #3ff5a4d2
+def _mix_out(o, mix:Mix, where:str):
+    "`o` with every floating tensor whose first dim is the batch mixed by `mix`, through tuples, lists and dicts"
+    n,found = len(mix.idx),[0]
+    def f(t):
+        if isinstance(t, Tensor):
+            if t.is_floating_point() and t.ndim and len(t)==n: found[0] += 1; return mix(t)
+            return t
+        if isinstance(t, (tuple,list)):
+            res = [f(u) for u in t]
+            return type(t)(*res) if hasattr(t, '_fields') else type(t)(res)  # named tuples take their fields one by one
+        if isinstance(t, Mapping): return type(t)({k:f(v) for k,v in t.items()})
+        return t
+    res = f(o)
+    if not found[0]: raise TypeError(
+        f"ManifoldMixup can't mix {where}: it holds no floating-point tensor whose first dim is the batch ({n}); "
+        f"got {type(o).__name__}{tuple(o.shape) if isinstance(o, Tensor) else ''}{' of '+str(o.dtype) if isinstance(o, Tensor) else ''}")
+    return res
 
 # %% ../nbs/00_core.ipynb #8edcb6d0
 def draw_mixup(

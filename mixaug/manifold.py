@@ -10,6 +10,7 @@ from fastai.layers import SigmoidRange, AdaptiveConcatPool2d
 from fastai.tabular.model import TabularModel
 from fastai.vision.learner import TimmBody
 from .core import *
+from .core import _mix_out  # the representation mixed through tuples, lists and dicts, as the Lightning front-end does
 from .callbacks import MixHandler, _event_frame, _on_stack
 
 # %% auto #0
@@ -62,25 +63,6 @@ def _point(model:nn.Module, o) -> _Point:
         raise ValueError(f"ManifoldMixup's `modules` names {o!r}, which is not a submodule of the {type(m).__name__} "
                          f"(its children: {[n for n,_ in m.named_children()]})")
     raise TypeError(f"ManifoldMixup's `modules` must hold submodules, their names or 'input'; got {o!r} ({type(o).__name__})")
-
-# %% ../nbs/02b_manifold.ipynb #9c4a69eb
-def _mix_out(o, mix:Mix, where:str):
-    "`o` with every floating tensor whose first dim is the batch mixed by `mix`, through tuples, lists and dicts"
-    n,found = len(mix.idx),[0]
-    def f(t):
-        if isinstance(t, Tensor):
-            if t.is_floating_point() and t.ndim and len(t)==n: found[0] += 1; return mix(t)
-            return t
-        if isinstance(t, (tuple,list)):
-            res = [f(u) for u in t]
-            return type(t)(*res) if hasattr(t, '_fields') else type(t)(res)  # named tuples take their fields one by one
-        if isinstance(t, dict): return type(t)({k:f(v) for k,v in t.items()})
-        return t
-    res = f(o)
-    if not found[0]: raise TypeError(
-        f"ManifoldMixup can't mix {where}: it holds no floating-point tensor whose first dim is the batch ({n}); "
-        f"got {type(o).__name__}{tuple(o.shape) if isinstance(o, Tensor) else ''}{' of '+str(o.dtype) if isinstance(o, Tensor) else ''}")
-    return res
 
 # %% ../nbs/02b_manifold.ipynb #3b88d5ec
 class ManifoldMixup(MixHandler):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00a_masks.ipynb #bcd182c6
 from __future__ import annotations
-import math, functools
+import math, functools, bisect, itertools, random
 from functools import partial
 import torch, torch.nn.functional as F
 from torch import Tensor
@@ -12,8 +12,8 @@ from .core import *
 from .core import _draw, _const, _spread, _sym_rows, _sym_beta, _cycle, check_count
 
 # %% auto #0
-__all__ = ['Box', 'draw_cutmix', 'PixelMap', 'draw_fmix', 'Grid', 'draw_gridmix', 'Resized', 'draw_resizemix', 'Chosen',
-           'choose_mixes', 'draw_cutmixup']
+__all__ = ['Box', 'draw_cutmix', 'PixelMap', 'draw_fmix', 'Grid', 'draw_gridmix', 'Resized', 'draw_resizemix', 'draw_tau',
+           'Chosen', 'choose_mixes', 'choose_draw', 'draw_cutmixup']
 
 # %% ../nbs/00a_masks.ipynb #240a4af8
 def _spatial_shape(x:Tensor, method:str='CutMix') -> tuple:
@@ -292,6 +292,13 @@ def draw_resizemix(
     lam = _const(1-math.prod(side)/math.prod(spatial), x.device).expand(n)  # every box has the same size
     return Mix(_cycle(u[0]) if idx is None else idx, lam, region, spatial=spatial)
 
+def draw_tau(
+    scale:tuple, # Range of tau, the box's side over the input's (checked by draw_resizemix)
+    coin:random.Random|None=None, # The callback's host coin; None: a coin seeded 0
+) -> float:
+    "ResizeMix's tau ~ U(`scale`) for one batch, drawn on the host from `coin`: nothing is read back from the device"
+    return (coin if coin is not None else random.Random(0)).uniform(*scale)
+
 # %% ../nbs/00a_masks.ipynb #5fd52fe8
 class Chosen(Region):
     "Per sample, the region of the draw it chose (None: none, that sample is interpolated or left as it is)"
@@ -314,7 +321,7 @@ class Chosen(Region):
         return out
 
 def choose_mixes(
-    mixes:list, # One `Mix` per option, each for the whole batch, or None for "no mixing"
+    mixes:list, # One Mix per option, each for the whole batch, or None for "no mixing"
     choice:Tensor, # The option of each sample: ints in [0, len(mixes)), or bools for two options (True: the second)
 ) -> Mix:
     "One `Mix` in which sample `i` is mixed as in `mixes[choice[i]]`: one pass over the batch, whatever the options"
@@ -342,6 +349,23 @@ def choose_mixes(
         region = Box(pick([r.lo if r is not None else z for r in regions]), pick([r.hi if r is not None else z for r in regions]), spatial)
     else: region = Chosen(regions, choice, spatial)
     return Mix(idx, lam, region, cut=cut, spatial=spatial)
+
+def choose_draw(
+    draws:list, # One option per mixer: a draw called as draw(x, generator), giving a Mix or None; or None, no mixing
+    probs:list, # The options' probabilities, summing to 1 (as check_probs gives them)
+    per_sample:bool, # Choose for each sample (one Mix of all the options) instead of for the whole batch
+    coin:random.Random, # The host coin a per-batch choice is tossed with
+    x:Tensor, # The batch's first input
+    generator:torch.Generator|None=None, # A torch.Generator, for reproducible draws
+) -> Mix|None:
+    "The draw of one option chosen with `probs` for the batch (None: not mixed), or per sample one `Mix` of all of theirs"
+    cum = list(itertools.accumulate(probs))
+    if not per_sample:
+        d = draws[min(bisect.bisect_right(cum, coin.random()), len(probs)-1)]
+        return None if d is None else d(x, generator)
+    u = _draw(torch.rand, len(x), device=x.device, generator=generator)
+    choice = (u[:,None] >= _const(tuple(cum)[:-1], x.device)).sum(1)  # each sample's option
+    return choose_mixes([d(x, generator) if d is not None and p>0 else None for d,p in zip(draws, probs)], choice)
 
 # %% ../nbs/00a_masks.ipynb #a17657fe
 def draw_cutmixup(

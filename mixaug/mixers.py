@@ -4,14 +4,13 @@
 
 # %% ../nbs/01a_mixers.ipynb #b8a7b67c
 from __future__ import annotations
-import math, bisect, itertools, random
+import math, random
 import numpy as np, torch
 from fastcore.meta import delegates
 from .core import *
-from .core import _draw, _const
 from .masks import *
 from .masks import _check_grid, _check_scale
-from .callbacks import MixHandler, MixUp, CutMix, _check_bool
+from .callbacks import MixHandler, MixUp, CutMix
 
 # %% auto #0
 __all__ = ['FMix', 'GridMix', 'ResizeMix', 'MixChoice', 'CutMixUp']
@@ -27,7 +26,7 @@ class FMix(MixHandler):
         **kwargs
     ):
         super().__init__(**kwargs)
-        self.alpha,self.per_batch = check_alpha(alpha),_check_bool(per_batch, 'per_batch')
+        self.alpha,self.per_batch = check_alpha(alpha),check_bool(per_batch, 'per_batch')
         self.decay_power = as_real(decay_power, 'decay_power', 'a real number (the power the spectrum decays with)')
         if not math.isfinite(self.decay_power): raise ValueError(f"`decay_power` must be a finite number; got {decay_power!r}")
 
@@ -44,7 +43,7 @@ class GridMix(MixHandler):
         **kwargs
     ):
         super().__init__(**kwargs)
-        self.alpha,self.grid,self.per_batch = check_alpha(alpha),_check_grid(grid),_check_bool(per_batch, 'per_batch')
+        self.alpha,self.grid,self.per_batch = check_alpha(alpha),_check_grid(grid),check_bool(per_batch, 'per_batch')
 
     def lam_laws(self):
         "The law of lam0, each cell's probability of being kept (lam, the area kept, spreads around it)"
@@ -62,7 +61,7 @@ class ResizeMix(MixHandler):
         **kwargs
     ):
         super().__init__(**kwargs)
-        self.scale,self.per_batch = _check_scale(scale),_check_bool(per_batch, 'per_batch')
+        self.scale,self.per_batch = _check_scale(scale),check_bool(per_batch, 'per_batch')
 
     def lam_laws(self):
         "lam = 1 - tau**2 for tau ~ U(scale): not a Beta law, so its density comes as a function, `pdf`"
@@ -74,25 +73,15 @@ class ResizeMix(MixHandler):
         return [dict(label=f"ResizeMix τ~U({a:g}, {b:g})", pdf=pdf)]
 
     def draw(self, x, generator):
-        coin = self.coin if self.coin is not None else random.Random(0)
         # tau comes from the callback's own seeded coin, on the host: nothing is read back from the device
-        return draw_resizemix(x, self.scale, tau=coin.uniform(*self.scale), per_batch=self.per_batch, generator=generator)
+        return draw_resizemix(x, self.scale, tau=draw_tau(self.scale, self.coin), per_batch=self.per_batch, generator=generator)
 
 # %% ../nbs/01a_mixers.ipynb #eb646dc7
-def _check_probs(probs, k:int) -> list:
-    "`probs` as a list of `k` floats >= 0 summing to 1 (within 1e-6), or an error naming it; None: all `1/k`"
-    if probs is None: return [1/k]*k
-    msg = f"`probs` must be {k} probabilities (numbers >= 0 summing to 1), one per mixer; got {probs!r}"
-    if not isinstance(probs, (list, tuple)) or len(probs)!=k: raise ValueError(msg)
-    ps = [check_prob(p, 'probs', "a mixer's probability") for p in probs]
-    if abs(sum(ps)-1) > 1e-6: raise ValueError(msg)
-    return ps
-
 @delegates()
 class MixChoice(MixHandler):
     "Several mixers (None: no mixing), one chosen per batch or per sample with the given probabilities"
     def __init__(self,
-        mixers:list, # Mixing callbacks (`MixUp()`, `CutMix()`, `FMix()`, `GridMix()`, `ResizeMix()`) or None, no mixing
+        mixers:list, # Mixing callbacks (MixUp(), CutMix(), FMix(), GridMix(), ResizeMix()) or None, no mixing
         probs:list|None=None, # Probability of each mixer, summing to 1; None: all equal
         per_sample:bool=False, # Choose for each sample (in one pass over the batch) instead of for each batch
         **kwargs
@@ -104,8 +93,8 @@ class MixChoice(MixHandler):
             if m is not None and (not isinstance(m, MixHandler) or isinstance(m, MixChoice) or not m._mixes_targets): raise TypeError(
                 f"`mixers` must hold callbacks that mix the batch's own samples (MixUp, CutMix, FMix, GridMix, ResizeMix) or None; got {m!r}")
         if all(m is None for m in mixers): raise ValueError("`mixers` must hold at least one mixing callback besides None")
-        self.mixers,self.probs = list(mixers),_check_probs(probs, len(mixers))
-        self.per_sample = _check_bool(per_sample, 'per_sample')
+        self.mixers,self.probs = list(mixers),check_probs(probs, len(mixers))
+        self.per_sample = check_bool(per_sample, 'per_sample')
 
     def lam_laws(self):
         "The laws of each mixer that may be chosen, with its probability"
@@ -120,12 +109,7 @@ class MixChoice(MixHandler):
     def draw(self, x, generator):
         "The chosen mixer's draw for this batch (None: not mixed), or per sample one `Mix` of all of theirs"
         self._live()
-        if not self.per_sample:
-            m = self.mixers[min(bisect.bisect_right(list(itertools.accumulate(self.probs)), self.coin.random()), len(self.probs)-1)]
-            return None if m is None else m.draw(x, generator)
-        u = _draw(torch.rand, len(x), device=x.device, generator=generator)
-        choice = (u[:,None] >= _const(tuple(itertools.accumulate(self.probs))[:-1], x.device)).sum(1)  # each sample's option
-        return choose_mixes([m.draw(x, generator) if m is not None and p>0 else None for m,p in zip(self.mixers, self.probs)], choice)
+        return choose_draw([None if m is None else m.draw for m in self.mixers], self.probs, self.per_sample, self.coin, x, generator)
 
     def _kinds_of_mix(self, x, generator):
         return [k for m,_ in self._live() for k in m._kinds_of_mix(x, generator)]
