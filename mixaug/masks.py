@@ -162,7 +162,9 @@ def _check_grid(grid) -> tuple[int,int]:
 
 class Grid(Region):
     "Cells `(m, *cells)` of bools (True keeps the sample's own) and, per dim, the cell of each position `(m, size)`"
-    def __init__(self, cells:Tensor, ix:list, base:tuple, n:int): super().__init__(base); self.cells,self.ix,self.n = cells,ix,n
+    def __init__(self, cells:Tensor, ix:list, base:tuple, n:int, cell:Tensor, offset:Tensor):
+        "`cell` and `offset` `(nd, m)`: each grid's cell side and offset, in positions of `base`"
+        super().__init__(base); self.cells,self.ix,self.n,self.cell,self.offset = cells,ix,n,cell,offset
     def _at(self, shape) -> list:
         "Per dim, the cell of each position of `shape` (`(m, size)`): the cell of the base position holding its centre"
         return [o if s==b else o.index_select(1, j) for o,s,b,j in zip(self.ix, shape, self.base, _nearest(tuple(shape), self.base, self.cells.device))]
@@ -179,11 +181,12 @@ class Grid(Region):
         return self._index(torch.where(self.cells, _spread(ar, nd+1), _spread(idx, nd+1)), tuple(shape))
     def kept(self) -> Tensor:
         "Fraction of positions each sample keeps: kept cells times the positions in each, an integer count over their number"
-        m,cnt = len(self.cells),self.cells.long()
-        for d,o in enumerate(self.ix):  # positions per cell along dim d, (m, ncells_d)
-            per = torch.zeros(m, self.cells.shape[d+1], dtype=torch.int64, device=o.device).scatter_add_(1, o, torch.ones_like(o))
-            cnt = (cnt*per.view(m, *[1]*d, per.shape[1], *[1]*(len(self.ix)-d-1))).sum(d+1, keepdim=True)
-        return (cnt.flatten().double()/math.prod(self.base)).float().expand(self.n)
+        m,nd,cnt = len(self.cells),len(self.base),self.cells.long()
+        for d,sz in enumerate(self.base):  # positions per cell along dim d, (m, ncells_d): from the cells' edges alone
+            edges = (torch.arange(self.cells.shape[d+1]+1, device=cnt.device)*self.cell[d,:,None] - self.offset[d,:,None]).clamp_(0, sz)
+            per = edges.diff(dim=1)  # cell c spans positions [edges[c], edges[c+1])
+            cnt = (cnt*per.view(m, *[1]*d, per.shape[1], *[1]*(nd-d-1))).sum(d+1, keepdim=True)
+        return cnt.flatten().div(math.prod(self.base)).expand(self.n)  # a count over N, rounded once
 
 def draw_gridmix(
     x:Tensor, # The batch's first input, (n, c, *spatial) with 1 to 3 spatial dims
@@ -203,13 +206,12 @@ def draw_gridmix(
     v = u[1:,:m]
     lam0 = _sym_beta(v[:r], alpha)
     g = glo + (v[r]*(ghi-glo+1)).long().clamp_(max=ghi-glo)  # cells per side, uniform on [glo, ghi]
-    cell = (sides[:,None]/g).round().clamp(min=1).long()  # (nd, m): the cell's side in positions
-    off = (v[r+1:]*cell).long()  # (nd, m): offset uniform on {0, ..., cell-1}
+    cell = (sides[:,None]/g).round().clamp(min=1).int()  # (nd, m): the cell's side in positions (int32: half the index bytes)
+    off = (v[r+1:]*cell).int()  # (nd, m): offset uniform on {0, ..., cell-1}
     cu = _draw(torch.rand, m, *ncell, device=x.device, generator=generator)
     cells = cu < _spread(lam0, 1+nd)  # each cell kept with probability lam0
-    ix = [(torch.arange(s, device=x.device)[None]+off[d,:,None])//cell[d,:,None] for d,s in enumerate(spatial)]  # (m, s)
-    grid_ = Grid(cells, ix, spatial, n)
-    grid_.cell,grid_.offset = cell,off  # (nd, m) each: the cells' side and the grid's offset, in positions
+    ix = [(torch.arange(s, device=x.device, dtype=torch.int32)[None]+off[d,:,None])//cell[d,:,None] for d,s in enumerate(spatial)]  # (m, s)
+    grid_ = Grid(cells, ix, spatial, n, cell, off)
     return Mix(_cycle(u[0]) if idx is None else idx, grid_.kept(), grid_, spatial=spatial)
 
 # %% ../nbs/00a_masks.ipynb #8436057e
