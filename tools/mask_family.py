@@ -200,6 +200,19 @@ def git_state(root:str=ROOT) -> dict:
                 engine_clean=not any(p.startswith(engine) for p in dirty) and not untracked_engine,
                 untracked_engine=untracked_engine)
 
+def engine_match(root:str=ROOT) -> dict:
+    "Whether the mixaug imported here is the commit's, file by file (what ran, whatever the working tree holds)"
+    import mixaug
+    d = os.path.dirname(mixaug.__file__)
+    here = sorted(f for f in os.listdir(d) if f.endswith('.py'))
+    ls = subprocess.run(['git', '-C', root, 'ls-tree', '--name-only', 'HEAD', 'mixaug/'], capture_output=True, text=True, check=True).stdout
+    committed = sorted(os.path.basename(l) for l in ls.splitlines() if l.endswith('.py'))
+    def same(f):
+        r = subprocess.run(['git', '-C', root, 'show', f'HEAD:mixaug/{f}'], capture_output=True)
+        return r.returncode==0 and r.stdout==open(os.path.join(d, f), 'rb').read()
+    differ = sorted(set(here) ^ set(committed)) + [f for f in here if f in committed and not same(f)]
+    return dict(mixaug_imported_from=d, imported_matches_commit=not differ, imported_differs=differ)
+
 def _run(args): return run(*args)
 
 def main(argv=None):
@@ -213,7 +226,7 @@ def main(argv=None):
     p.add_argument('--out', default=os.path.join(ROOT, 'nbs', 'mask_family_results.json'))
     a = p.parse_args(argv)
     start = time.time()
-    git = git_state()
+    git = git_state() | engine_match()
     dss,methods,seeds = a.datasets.split(','),a.methods.split(','),list(range(a.seeds))
     jobs = [(d,m,s,a.epochs,None,None,a.n_train) for d in dss for s in seeds for m in methods]
     rows = []
@@ -228,7 +241,7 @@ def main(argv=None):
     src = {f: hashlib.sha1(open(os.path.join(os.path.dirname(mixaug.__file__), f), 'rb').read()).hexdigest()[:10]
            for f in sorted(os.listdir(os.path.dirname(mixaug.__file__))) if f.endswith('.py')}
     meta = dict(command=' '.join(['python tools/mask_family.py']+(argv if argv is not None else sys.argv[1:])),
-                date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), git=git, git_after=git_state(),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), git=git, git_after=git_state() | engine_match(),
                 seconds=time.time()-start, run_seconds=sum(r['seconds'] for r in rows), workers=a.workers, threads_per_process=1,
                 torch=torch.__version__, fastai=fastai.__version__, mixaug=mixaug.__version__, sklearn=sklearn.__version__,
                 mlxtend=mlxtend.__version__, python=platform.python_version(), mixaug_source_sha1=src,
