@@ -6,18 +6,19 @@
 __all__ = []
 
 # %% ../nbs/99_all.ipynb #b7720dc1
-from .core import NoneReduce, Mix, Region, kept_fraction, blend, draw_lam, draw_partners, draw_mixup
+from .core import NoneReduce, Mix, WithClean, Region, kept_fraction, blend, draw_lam, draw_partners, draw_mixup
 from .masks import draw_cutmix, draw_fmix, draw_gridmix, draw_resizemix, draw_cutmixup, choose_mixes
-from .partners import draw_partners_by, same_class_partners, nearest_partners, kernel_partners
+from .partners import draw_partners_by, same_class_partners, nearest_partners, kernel_partners, remix_weights
 from .callbacks import MixHandler, MixUp, CutMix
 from .mixers import FMix, GridMix, ResizeMix, MixChoice, CutMixUp
+from .label_aware import CMixup, Remix, RegMixup
 from .semimix import SemiMix
 from .manifold import ManifoldMixup, eligible_points
 from .show import show_mix, mixed_batch, mix_titles, plot_lam, LogMixes
 
 # %% ../nbs/99_all.ipynb #d5ce74c4
-__all__ = ['NoneReduce', 'Mix', 'Region', 'kept_fraction', 'blend', 'draw_lam', 'draw_partners', 'draw_mixup',
+__all__ = ['NoneReduce', 'Mix', 'WithClean', 'Region', 'kept_fraction', 'blend', 'draw_lam', 'draw_partners', 'draw_mixup',
            'draw_cutmix', 'draw_fmix', 'draw_gridmix', 'draw_resizemix', 'draw_cutmixup', 'choose_mixes',
-           'draw_partners_by', 'same_class_partners', 'nearest_partners', 'kernel_partners',
-           'MixHandler', 'MixUp', 'CutMix', 'FMix', 'GridMix', 'ResizeMix', 'MixChoice', 'CutMixUp', 'SemiMix', 'ManifoldMixup', 'eligible_points',
+           'draw_partners_by', 'same_class_partners', 'nearest_partners', 'kernel_partners', 'remix_weights',
+           'MixHandler', 'MixUp', 'CutMix', 'FMix', 'GridMix', 'ResizeMix', 'MixChoice', 'CutMixUp', 'CMixup', 'Remix', 'RegMixup', 'SemiMix', 'ManifoldMixup', 'eligible_points',
            'show_mix', 'mixed_batch', 'mix_titles', 'plot_lam', 'LogMixes']

@@ -13,6 +13,8 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from .core import *  # with the argument checks, `rank_world` and `mix_rng` every front-end shares
 from .masks import *
+from .partners import check_partners
+from .methods import *  # each method's arguments and draw, shared with the Lightning callbacks
 
 # %% auto #0
 __all__ = ['loader_kept', 'MixHandler', 'MixUp', 'CutMix']
@@ -84,7 +86,7 @@ def loader_kept(dl):
         random.setstate(pst); np.random.set_state(nst)
 
 # %% ../nbs/01_callbacks.ipynb #dd20dc46
-class MixHandler(Callback):
+class MixHandler(Method, Callback):
     "Base for the mixing callbacks: draws a `Mix` for each training batch and applies it to inputs, targets and loss"
     run_valid,order = False,90  # runs after other callbacks' `before_batch`, so it mixes the batch they prepared
     partner_xb,partner_name = None,None  # a subclass mixing with partners of its own: their inputs, and what to call them
@@ -95,20 +97,12 @@ class MixHandler(Callback):
         generator:torch.Generator|None=None, # Or a generator to draw with (best on the batch's device)
         same_on_all_ranks:bool=False, # In distributed training, draw the same mixes on every process
         per_position:bool|list|None=None, # A bool per target (in yb order): True for masks and other per-position targets; None: from the targets' types, then shapes
+        partners:str='random', # Who mixes with whom: 'random', 'same_class', 'nearest' (input) or 'kernel' (C-Mixup's, with `sigma`)
+        sigma:float|None=None, # The bandwidth of partners='kernel', in the targets' units
     ):
         self.__dict__.update(mix_args(p, stop_at, seed, generator, same_on_all_ranks, per_position))
+        self.partners,self.sigma = check_partners(partners, sigma)
         self.coin,self.mix,self.mix_loss,self._stand_in = None,None,False,None
-
-    def draw(self, x:Tensor, generator) -> Mix:
-        "The `Mix` for a batch whose first input is `x`, drawn with `generator` (None: leave it unmixed); each subclass draws its own"
-        raise NotImplementedError
-
-    def lam_laws(self) -> list[dict]:
-        "The laws the lambdas are drawn from, each a `dict(label, alpha, beta, fold)` (beta None: alpha)"
-        if not hasattr(self, 'alpha'): raise TypeError(f"{type(self).__name__} has no `alpha`: it must override `lam_laws`")
-        a,fold = self.alpha,getattr(self, 'fold', False)
-        tail = ' (one per batch)' if getattr(self, 'per_batch', False) else ''
-        return [dict(label=f"{type(self).__name__} α={a:g}" + (', folded' if fold else '') + tail, alpha=a, beta=None, fold=fold)]
 
     @contextmanager
     def kept_state(self):
@@ -205,13 +199,9 @@ class MixHandler(Callback):
                 if m.targets(ys, loss_func)[1]: return True
         return False
 
-    def _kinds_of_mix(self, x, generator) -> list:
-        "A draw of each kind this callback makes (CutMixUp: MixUp's and CutMix's)"
-        return [self.draw(x, generator)]
-
     def mix_batch(self, generator):
         "Draw a `Mix` for this batch with `generator` and apply it to `learn.xb` and `learn.yb`"
-        self.mix = self.draw(self.xb[0], generator)
+        self.mix = self.draw_batch(self.xb, self.yb, generator)  # partners by rule, the method's draw, its label weights
         if self.mix is None: return  # a draw may choose not to mix this batch (`MixChoice` with None)
         self.mix.per_position = self.per_position
         self.learn.xb = tuple(self.mix(o) for o in self.xb)
@@ -230,31 +220,13 @@ class MixHandler(Callback):
         return {k:v for k,v in self.__dict__.items() if k not in drop} | dict.fromkeys(drop)
 
 # %% ../nbs/01_callbacks.ipynb #2b7c6e09
-@delegates()
-class MixUp(MixHandler):
+@front_end(MixHandler)
+class MixUp(MixUpMethod, MixHandler):
     "[mixup](https://arxiv.org/abs/1710.09412): train on convex combinations of pairs of samples and of their targets"
-    def __init__(self,
-        alpha:float=.4, # Lambda ~ Beta(alpha, alpha)
-        per_batch:bool=False, # One lambda for the whole batch, as in the paper's code, instead of one per sample
-        fold:bool=True, # Keep max(lam, 1-lam), as fastai does, so each sample stays the dominant one in its mix
-        **kwargs
-    ):
-        super().__init__(**kwargs)
-        self.alpha,self.per_batch,self.fold = check_alpha(alpha),check_bool(per_batch, 'per_batch'),check_bool(fold, 'fold')
 
-    def draw(self, x, generator):
-        return draw_mixup(len(x), self.alpha, fold=self.fold, per_batch=self.per_batch, device=x.device, generator=generator)
 
 # %% ../nbs/01_callbacks.ipynb #1317f61b
-@delegates()
-class CutMix(MixHandler):
+@front_end(MixHandler)
+class CutMix(CutMixMethod, MixHandler):
     "[CutMix](https://arxiv.org/abs/1905.04899): paste a box of a partner into each sample; targets weighted by area"
-    def __init__(self,
-        alpha:float=1., # Box area ~ 1 - Beta(alpha, alpha), then corrected to the area really kept
-        per_batch:bool=False, # One box for the whole batch, as fastai and the paper's code do, instead of one per sample
-        **kwargs
-    ):
-        super().__init__(**kwargs)
-        self.alpha,self.per_batch = check_alpha(alpha),check_bool(per_batch, 'per_batch')
 
-    def draw(self, x, generator): return draw_cutmix(x, self.alpha, per_batch=self.per_batch, generator=generator)

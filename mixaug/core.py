@@ -23,7 +23,7 @@ except ImportError:  # plain PyTorch, without fastai: the one piece of fastcore 
 # %% auto #0
 __all__ = ['NoneReduce', 'as_real', 'check_alpha', 'check_prob', 'check_bool', 'check_seed', 'check_per_position', 'check_probs',
            'mix_args', 'rank_world', 'mix_rng', 'check_count', 'draw_lam', 'draw_partners', 'blend', 'kept_fraction',
-           'Region', 'Mix', 'draw_mixup']
+           'Region', 'Mix', 'draw_mixup', 'WithClean']
 
 # %% ../nbs/00_core.ipynb #ea762772
 def _takes_reduction(f):
@@ -605,3 +605,67 @@ def draw_mixup(
     u = _draw(torch.rand, p+(rows or 0), n, device=device, generator=generator)  # partners and lambdas in one draw
     lam = _lam(u[p:,:m] if rows else None, m, alpha, beta, fold, u.device, generator)
     return Mix(_cycle(u[0]) if p else idx, lam.expand(n) if per_batch else lam)
+
+# %% ../nbs/00_core.ipynb #45d7f4ff
+def _halves(pred, n:int, name:str='pred'):
+    "`pred`'s first `n` rows and the rest (a tensor, or a tuple, list or dict of them), which must be `n` too"
+    if isinstance(pred, Tensor):
+        if pred.ndim==0 or len(pred)!=2*n: raise ValueError(
+            f"RegMixup's `{name}` must have 2n rows, the clean batch then its mixed copy (n={n}); got shape {tuple(pred.shape)}")
+        return pred[:n],pred[n:]
+    if isinstance(pred, (tuple, list)):
+        hs = [_halves(p, n, f"{name}[{i}]") for i,p in enumerate(pred)]
+        return type(pred)(h[0] for h in hs),type(pred)(h[1] for h in hs)
+    if isinstance(pred, Mapping):
+        hs = {k:_halves(v, n, f"{name}[{k!r}]") for k,v in pred.items()}
+        return type(pred)({k:h[0] for k,h in hs.items()}),type(pred)({k:h[1] for k,h in hs.items()})
+    raise TypeError(f"RegMixup splits the model's output into its clean and mixed halves: it must be a tensor (or a tuple, list or dict of them); got {type(pred).__name__}")
+
+class WithClean:
+    "A `Mix` trained beside the clean batch (RegMixup): the inputs are the batch then its mixed copy, the loss the user's on the first half plus `eta` times the mixed objective on the second"
+    def __init__(self,
+        mix:Mix, # The mix of the second half
+        eta:float=1., # Weight of the mixed objective
+    ): self.__dict__.update(mix=mix, eta=eta)
+
+    def __getattr__(self, k):
+        "The mix's attributes (`idx`, `lam`, `region`...): those of the mixed half"
+        if k.startswith('__') or 'mix' not in self.__dict__: raise AttributeError(k)
+        return getattr(self.mix, k)
+
+    def __setattr__(self, k, v): setattr(self.mix, k, v)  # `per_position`, `lam_y`: the mixed half's
+    def __repr__(self): return f"WithClean({self.mix!r}, eta={self.eta:g})"
+
+    def __call__(self,
+        t, # A tensor of the batch (anything else is returned as is)
+        partners:Tensor|None=None, # The partners' source, if not the batch itself
+    ):
+        "A new tensor: the batch `t` as given, then its mixed copy (2n rows)"
+        return torch.cat([t, self.mix(t, partners)]) if isinstance(t, Tensor) else t
+
+    def targets(self,
+        ys:tuple, # The batch's targets, as given
+        loss_func:Callable|None=None, # The loss
+    ) -> tuple[tuple,bool]:
+        "The targets as given, and True: the two-term objective is always `WithClean.loss`"
+        ys = tuple(ys)
+        self.mix._positions(ys)  # the same checks as a plain mix: one row per sample
+        return ys,True
+
+    def loss(self,
+        loss_func:Callable, # The user's loss, called as loss_func(pred, *ys)
+        pred, # The model's output on the 2n inputs
+        *ys, # The batch's targets, as given (n rows)
+    ) -> Tensor:
+        "`loss_func` on the clean half plus `eta` times the exact mixed objective on the mixed half"
+        n = len(self.mix.idx)
+        clean,mixed = _halves(pred, n)
+        lc = loss_func(clean, *ys)
+        if n==0: return lc  # an empty batch: the plain loss of nothing
+        ym,needs_mix = self.mix.targets(ys, loss_func)
+        return lc + self.eta*(self.mix.loss(loss_func, mixed, *ys) if needs_mix else loss_func(mixed, *ym))
+
+    def soft_targets(self, *args, **kwargs):
+        raise TypeError("RegMixup's objective weights its clean and mixed halves apart (`eta`): no soft targets give it. "
+                        "Use `mix.loss(loss_func, pred, *ys)` on the targets as given")
+

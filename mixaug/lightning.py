@@ -17,11 +17,12 @@ except ImportError:
 from .core import *
 from .core import _mix_out
 from .masks import *
-from .masks import _check_grid, _check_scale
+from .partners import check_partners, rule_partners, _classes
+from .methods import *  # each method's arguments and draw, shared with the fastai callbacks
 
 # %% auto #0
-__all__ = ['MixHandler', 'MixUp', 'CutMix', 'mixed_loss', 'FMix', 'GridMix', 'ResizeMix', 'MixChoice', 'CutMixUp', 'SemiMix',
-           'ManifoldMixup', 'mix_grids']
+__all__ = ['MixHandler', 'MixUp', 'CutMix', 'mixed_loss', 'FMix', 'GridMix', 'ResizeMix', 'MixChoice', 'CutMixUp', 'CMixup',
+           'RegMixup', 'dataset_class_counts', 'Remix', 'SemiMix', 'ManifoldMixup', 'mix_grids']
 
 # %% ../nbs/11_lightning.ipynb #b38317b5
 # The argument checks, `rank_world` and `mix_rng` are the core's, shared with `mixaug.callbacks`; the batch's keys are Lightning's own
@@ -121,9 +122,8 @@ def _unwrap(module, step, had):
     else: module.__dict__['training_step'] = had
 
 # %% ../nbs/11_lightning.ipynb #1b9b23db
-class MixHandler(pl.Callback):
+class MixHandler(Method, pl.Callback):
     "Base of the Lightning mixing callbacks: mixes a copy of each training batch with a `Mix` it draws, and mixes the loss"
-    _input_mixer = True  # mixes the inputs with the batch's own samples: MixChoice can choose it
     def __init__(self,
         p:float=1., # Probability of mixing a training batch
         stop_at:float=1., # Fraction of training after which batches are no longer mixed
@@ -137,8 +137,11 @@ class MixHandler(pl.Callback):
         loss_attr:str='loss_func', # The module's attribute holding its loss, swapped for training batches that need the mixed loss
         log_every:int|None=None, # Log grids of mixed, original and difference images to TensorBoard every this many steps; None: never
         n_log:int=8, # Number of samples in each logged grid
+        partners:str='random', # Who mixes with whom: 'random', 'same_class', 'nearest' (input) or 'kernel' (C-Mixup's, with `sigma`)
+        sigma:float|None=None, # The bandwidth of partners='kernel', in the targets' units
     ):
         self.__dict__.update(mix_args(p, stop_at, seed, generator, same_on_all_ranks, per_position))
+        self.partners,self.sigma = check_partners(partners, sigma)
         self.n_inp = check_count(n_inp, 'n_inp', 'the number of inputs in a batch')
         self.input_keys,self.target_keys = _check_keys(input_keys, 'input_keys'),_check_keys(target_keys, 'target_keys')
         if not isinstance(loss_attr, str): raise TypeError(f"`loss_attr` must be an attribute name; got {loss_attr!r}")
@@ -148,10 +151,6 @@ class MixHandler(pl.Callback):
         self.coin,self.mix,self.mix_loss = None,None,False
         self._stand_in,self._step,self._fit,self._batch,self._x0,self._new = None,None,None,None,None,None
         self._loss_used,self._warned,self._next_log = False,False,0
-
-    def draw(self, x:Tensor, generator) -> Mix|None:
-        "The `Mix` for a batch whose first input is `x`, drawn with `generator` (None: leave it unmixed)"
-        raise NotImplementedError
 
     def _gen(self, device):
         "The generator to draw with on `device`: the one given, else the callback's own when seeded or distributed (as the fastai callbacks do)"
@@ -184,7 +183,7 @@ class MixHandler(pl.Callback):
 
     def mix_batch(self, xs:tuple, ys:tuple, generator, loss_func) -> tuple|None:
         "Draw a `Mix` with `generator`; the mixed inputs and targets, and whether `loss_func` must be mixed (None: not mixed)"
-        self.mix = self.draw(xs[0], generator)
+        self.mix = self.draw_batch(xs, ys, generator)  # partners by rule, the method's draw, its label weights
         if self.mix is None: return None
         self.mix.per_position = self.per_position
         return (tuple(self.mix(o) for o in xs),*self.mix.targets(ys, loss_func))
@@ -239,7 +238,7 @@ class MixHandler(pl.Callback):
         self._batch,self._x0,self._new,self._loss_used = _anchor(_BATCH) or (),xs[0],self._rebuild(batch, xm, ym),False
         if self.mix_loss and lf is not None: self._stand_in = _MixedLoss(self, pl_module, self.loss_attr, lf, self.mix)
         if self._stand_in is not None: _put(pl_module, self.loss_attr, self._stand_in)
-        self._log(trainer, xs[0], xm[0])
+        self._log(trainer, xs[0], xm[0][len(xm[0])-len(xs[0]):])  # RegMixup's: the mixed half
 
     def loss(self,
         loss_func, # The loss, called as loss_func(pred, *ys)
@@ -294,32 +293,16 @@ class MixHandler(pl.Callback):
         return {k:v for k,v in self.__dict__.items() if k not in drop} | dict.fromkeys(drop)
 
 # %% ../nbs/11_lightning.ipynb #19f53e1c
-class MixUp(MixHandler):
+@front_end(MixHandler)
+class MixUp(MixUpMethod, MixHandler):
     "[mixup](https://arxiv.org/abs/1710.09412) for Lightning: train on convex combinations of pairs of samples and of their targets"
-    def __init__(self,
-        alpha:float=.4, # Lambda ~ Beta(alpha, alpha)
-        per_batch:bool=False, # One lambda for the whole batch instead of one per sample
-        fold:bool=True, # Keep max(lam, 1-lam), so each sample stays the dominant one in its mix
-        **kwargs # p, stop_at, seed, generator, same_on_all_ranks, per_position, n_inp, input_keys, target_keys, loss_attr, log_every, n_log: see `MixHandler`
-    ):
-        super().__init__(**kwargs)
-        self.alpha,self.per_batch,self.fold = check_alpha(alpha),check_bool(per_batch, 'per_batch'),check_bool(fold, 'fold')
 
-    def draw(self, x, generator):
-        return draw_mixup(len(x), self.alpha, fold=self.fold, per_batch=self.per_batch, device=x.device, generator=generator)
 
 # %% ../nbs/11_lightning.ipynb #db5ec492
-class CutMix(MixHandler):
+@front_end(MixHandler)
+class CutMix(CutMixMethod, MixHandler):
     "[CutMix](https://arxiv.org/abs/1905.04899) for Lightning: paste a box of a partner into each sample; targets weighted by area"
-    def __init__(self,
-        alpha:float=1., # Box area ~ 1 - Beta(alpha, alpha), then corrected to the area really kept
-        per_batch:bool=False, # One box for the whole batch instead of one per sample
-        **kwargs # See `MixHandler`
-    ):
-        super().__init__(**kwargs)
-        self.alpha,self.per_batch = check_alpha(alpha),check_bool(per_batch, 'per_batch')
 
-    def draw(self, x, generator): return draw_cutmix(x, self.alpha, per_batch=self.per_batch, generator=generator)
 
 # %% ../nbs/11_lightning.ipynb #3f334ba3
 def mixed_loss(
@@ -335,91 +318,69 @@ def mixed_loss(
     return loss_func(pred, *ys)
 
 # %% ../nbs/11_lightning.ipynb #8b6f247c
-class FMix(MixHandler):
+@front_end(MixHandler)
+class FMix(FMixMethod, MixHandler):
     "[FMix](https://arxiv.org/abs/2002.12047) for Lightning: paste a low-frequency blob of a partner into each sample"
-    def __init__(self,
-        alpha:float=1., # The fraction of positions kept ~ Beta(alpha, alpha)
-        decay_power:float=3., # The blob's spectrum falls off as frequency**(-decay_power): larger is smoother
-        per_batch:bool=False, # One mask for the whole batch instead of one per sample
-        **kwargs # See `MixHandler`
-    ):
-        super().__init__(**kwargs)
-        self.alpha,self.per_batch = check_alpha(alpha),check_bool(per_batch, 'per_batch')
-        self.decay_power = as_real(decay_power, 'decay_power', 'a real number (the power the spectrum decays with)')
-        if not math.isfinite(self.decay_power): raise ValueError(f"`decay_power` must be a finite number; got {decay_power!r}")
 
-    def draw(self, x, generator): return draw_fmix(x, self.alpha, self.decay_power, per_batch=self.per_batch, generator=generator)
 
 # %% ../nbs/11_lightning.ipynb #694c8a8e
-class GridMix(MixHandler):
+@front_end(MixHandler)
+class GridMix(GridMixMethod, MixHandler):
     "[GridMix](https://doi.org/10.1016/j.patcog.2020.107594) for Lightning: take each cell of a grid from the partner with probability 1-lam0"
-    def __init__(self,
-        alpha:float=1., # Each sample keeps its cells with probability lam0 ~ Beta(alpha, alpha)
-        grid:int|tuple=(2, 6), # Cells per side, drawn per sample from the ints in this range (an int: fixed)
-        per_batch:bool=False, # One grid for the whole batch instead of one per sample
-        **kwargs # See `MixHandler`
-    ):
-        super().__init__(**kwargs)
-        self.alpha,self.grid,self.per_batch = check_alpha(alpha),_check_grid(grid),check_bool(per_batch, 'per_batch')
 
-    def draw(self, x, generator): return draw_gridmix(x, self.alpha, self.grid, per_batch=self.per_batch, generator=generator)
 
 # %% ../nbs/11_lightning.ipynb #128514c2
-class ResizeMix(MixHandler):
+@front_end(MixHandler)
+class ResizeMix(ResizeMixMethod, MixHandler):
     "[ResizeMix](https://arxiv.org/abs/2012.11101) for Lightning: paste the whole partner, resized into a box, into each sample"
-    def __init__(self,
-        scale:tuple=(.1, .8), # Range of tau, the box's side over the input's: tau ~ U(scale), one per batch
-        per_batch:bool=False, # One box position for the whole batch instead of one per sample
-        **kwargs # See `MixHandler`
-    ):
-        super().__init__(**kwargs)
-        self.scale,self.per_batch = _check_scale(scale),check_bool(per_batch, 'per_batch')
 
-    def draw(self, x, generator):
-        return draw_resizemix(x, self.scale, tau=draw_tau(self.scale, self.coin), per_batch=self.per_batch, generator=generator)
 
 # %% ../nbs/11_lightning.ipynb #f22621db
-class MixChoice(MixHandler):
+@front_end(MixHandler)
+class MixChoice(MixChoiceMethod, MixHandler):
     "Several mixers (None: no mixing), one chosen per batch or per sample with the given probabilities"
-    def __init__(self,
-        mixers:list, # Lightning mixers of this module (`MixUp()`, `CutMix()`, `FMix()`, `GridMix()`, `ResizeMix()`) or None, no mixing
-        probs:list|None=None, # Probability of each mixer, summing to 1; None: all equal
-        per_sample:bool=False, # Choose for each sample (in one pass over the batch) instead of for each batch
-        **kwargs # See `MixHandler`
-    ):
-        super().__init__(**kwargs)
-        if not isinstance(mixers, (list, tuple)) or not mixers: raise TypeError(
-            f"`mixers` must be a non-empty list of mixing callbacks or None; got {mixers!r}")
-        for m in mixers:
-            if m is not None and (not isinstance(m, MixHandler) or isinstance(m, MixChoice) or not m._input_mixer): raise TypeError(
-                f"`mixers` must hold mixers of the batch's own samples (MixUp, CutMix, FMix, GridMix, ResizeMix) or None; got {m!r}")
-        if all(m is None for m in mixers): raise ValueError("`mixers` must hold at least one mixing callback besides None")
-        self.mixers,self.probs = list(mixers),check_probs(probs, len(mixers))
-        self.per_sample = check_bool(per_sample, 'per_sample')
 
-    def draw(self, x, generator):
-        "The chosen mixer's draw for this batch (None: not mixed), or per sample one `Mix` of all of theirs"
-        for m in self.mixers:
-            if m is not None: m.coin = self.coin  # ResizeMix's tau comes from this callback's coin
-        return choose_draw([None if m is None else m.draw for m in self.mixers], self.probs, self.per_sample, self.coin, x, generator)
 
 # %% ../nbs/11_lightning.ipynb #67f65f73
-class CutMixUp(MixChoice):
+@front_end(MixHandler)
+class CutMixUp(CutMixUpMethod, MixChoice):
     "MixUp or CutMix, chosen per batch or per sample, with probability `switch_prob` of CutMix"
-    def __init__(self,
-        mixup_alpha:float=.4, # alpha of the MixUp draws
-        cutmix_alpha:float=1., # alpha of the CutMix draws
-        switch_prob:float=.5, # Probability of CutMix rather than MixUp
-        per_sample:bool=False, # Choose for each sample (in one pass over the batch) instead of for each batch
-        **kwargs # See `MixHandler`
-    ):
-        self.mixup_alpha,self.cutmix_alpha = check_alpha(mixup_alpha, 'mixup_alpha'),check_alpha(cutmix_alpha, 'cutmix_alpha')
-        self.switch_prob = check_prob(switch_prob, 'switch_prob', 'the probability of CutMix')
-        super().__init__([CutMix(self.cutmix_alpha), MixUp(self.mixup_alpha)], [self.switch_prob, 1-self.switch_prob], per_sample, **kwargs)
 
-    def draw(self, x, generator):
-        if self.per_sample: return draw_cutmixup(x, self.mixup_alpha, self.cutmix_alpha, self.switch_prob, generator=generator)
-        return super().draw(x, generator)
+
+# %% ../nbs/11_lightning.ipynb #491fc683
+@front_end(MixHandler, but=('partners', 'sigma'))
+class CMixup(CMixupMethod, MixHandler):
+    "[C-Mixup](https://arxiv.org/abs/2210.05775) for Lightning: MixUp with each partner drawn by a Gaussian kernel on label distance"
+
+@front_end(MixHandler)
+class RegMixup(RegMixupMethod, MixHandler):
+    "[RegMixup](https://arxiv.org/abs/2206.14502) for Lightning: each batch trained clean and mixed in one forward pass, loss = loss(clean) + eta * mixed loss"
+
+def dataset_class_counts(
+    cb:MixHandler, # The callback, whose `split` finds the target in a sample
+    dataset, # A map-style dataset of samples (tuples, lists or dicts, as the batches are)
+) -> Tensor:
+    "Samples of each class in `dataset`, indexed by class, from the first target of each sample (each sample is read: pass `counts` to skip it)"
+    try: n = len(dataset)
+    except TypeError: raise ValueError("Remix can't count the classes of an iterable dataset: pass `counts`") from None
+    ys = []
+    for i in range(n):
+        s = dataset[i]
+        if isinstance(s, Mapping): y = s[cb.target_keys[0]]
+        elif isinstance(s, (tuple, list)) and len(s) > cb.n_inp: y = s[cb.n_inp]
+        else: raise ValueError(f"Remix can't find a target in the dataset's sample {i} ({type(s).__name__}): pass `counts`")
+        ys.append(torch.as_tensor(y))
+    if not ys: raise ValueError("Remix can't count the classes: the training dataset is empty; pass `counts`")
+    c = _classes(torch.stack(ys)) if ys[0].ndim else torch.stack(ys)
+    return torch.bincount(c.long().flatten().cpu()).float()
+
+@front_end(MixHandler)
+class Remix(RemixMethod, MixHandler):
+    "[Remix](https://arxiv.org/abs/2007.03943) for Lightning: a mixer's draws, with each pair's label given to its minority class where the counts and lambda say so"
+    def on_train_start(self, trainer, pl_module):
+        # counted once per fit, from the training dataloader's dataset, when not given
+        if self.counts is None: self._counts = dataset_class_counts(self, trainer.train_dataloader.dataset)
+
 
 # %% ../nbs/11_lightning.ipynb #5bd1abbc
 def _as_tuple(b) -> tuple: return tuple(b) if isinstance(b, (tuple, list)) else (b,)
@@ -437,7 +398,7 @@ def _check_partner(xu:tuple, xs:tuple):
 # %% ../nbs/11_lightning.ipynb #7237f085
 class SemiMix(MixHandler):
     "Blend each labeled sample with an unlabeled one, lam ~ Beta(`alpha`+1, `alpha`), and train on its own label (Huszár's form of mixup)"
-    _input_mixer = False
+    _choosable = False  # MixChoice can't choose it
     def __init__(self,
         unlabeled=None, # Inputs without labels: a tensor (or tuple of tensors) of samples, or an iterable of such batches (a DataLoader); None: partners from the batch
         alpha:float=.4, # Mixup's alpha: the labeled sample keeps lam ~ Beta(alpha+1, alpha)
@@ -449,6 +410,8 @@ class SemiMix(MixHandler):
         if unlabeled is not None and not self._store and not hasattr(unlabeled, '__iter__'): raise TypeError(
             f"SemiMix's `unlabeled` must be None, a tensor of inputs (or a tuple of them), or an iterable of batches of inputs; got {type(unlabeled).__name__}")
         if self._store and len(_as_tuple(unlabeled)[0])==0: raise ValueError("SemiMix's `unlabeled` is empty: give it unlabeled inputs, or None")
+        if unlabeled is not None and self.partners!='random': raise ValueError(
+            f"SemiMix's partners come from `unlabeled`, in the stream's order: `partners` must be 'random' with it; got {self.partners!r}")
         self._it,self._rest = None,None
 
     def _next(self) -> tuple:
@@ -479,7 +442,9 @@ class SemiMix(MixHandler):
     def mix_batch(self, xs, ys, generator, loss_func):
         "Blend the inputs with their partners, unlabeled or from the batch; targets and loss are left as they are"
         x,n = xs[0],len(xs[0])
-        if self.unlabeled is None: self.partner_xb,idx = xs,draw_partners(n, x.device, generator)
+        if self.unlabeled is None:
+            idx = rule_partners(self.partners, self.sigma, x, ys, generator)
+            self.partner_xb,idx = xs,(draw_partners(n, x.device, generator) if idx is None else idx)
         else: self.partner_xb,idx = self._take(xs),torch.arange(n, device=x.device)
         self.mix = Mix(idx, draw_lam(n, self.alpha+1, self.alpha, device=x.device, generator=generator))
         return tuple(self.mix(o, p) for o,p in zip(xs, self.partner_xb)),ys,False
@@ -501,7 +466,7 @@ def _default_points(module) -> list[str]:
 # %% ../nbs/11_lightning.ipynb #1f4fb530
 class ManifoldMixup(MixHandler):
     "[Manifold Mixup](https://arxiv.org/abs/1806.05236) for Lightning: mix the hidden representation at a module drawn for each batch, and the targets alike"
-    _input_mixer = False
+    _choosable = False  # MixChoice can't choose it
     def __init__(self,
         alpha:float=2., # Lambda ~ Beta(alpha, alpha), 2 as in the paper
         modules:list|None=None, # Where to mix: names of the LightningModule's submodules, or 'input'; None: the children of its first nn.Sequential but the last
@@ -516,8 +481,8 @@ class ManifoldMixup(MixHandler):
             f"ManifoldMixup's `modules` must be None or a non-empty list of submodule names or 'input'; got {modules!r}")
         self.modules,self.mixed_module,self._hook = modules,None,None
 
-    def draw(self, x, generator):
-        return draw_mixup(len(x), self.alpha, fold=self.fold, per_batch=self.per_batch, device=x.device, generator=generator)
+    def draw(self, x, generator, idx=None):
+        return draw_mixup(len(x), self.alpha, fold=self.fold, per_batch=self.per_batch, device=x.device, generator=generator, idx=idx)
 
     def on_fit_start(self, trainer, pl_module):
         names = self.modules if self.modules is not None else _default_points(pl_module)
@@ -534,7 +499,7 @@ class ManifoldMixup(MixHandler):
         name,mod = self.points[self.coin.randrange(len(self.points))] if len(self.points)>1 else self.points[0]
         self.mixed_module = name
         if mod is None: return super().mix_batch(xs, ys, generator, loss_func)  # the input: exactly MixUp
-        self.mix = self.draw(xs[0], generator)
+        self.mix = self.draw_batch(xs, ys, generator)  # partners by rule (compared at the inputs), then MixUp's draw
         self.mix.per_position = self.per_position
         ym,ml = self.mix.targets(ys, loss_func)
         mix,where = self.mix,f"the output of {name!r}"

@@ -85,8 +85,10 @@ class ManifoldMixup(MixHandler):
         self.modules,self.points,self.mixed_module = modules,None,None
         self._hook,self._token,self._model,self._armed,self._batch = None,None,None,None,None
 
-    def draw(self, x, generator):
-        return draw_mixup(len(x), self.alpha, fold=self.fold, per_batch=self.per_batch, device=x.device, generator=generator)
+    _choosable = False  # its mix is applied inside the model: MixChoice can't choose it
+
+    def draw(self, x, generator, idx=None):
+        return draw_mixup(len(x), self.alpha, fold=self.fold, per_batch=self.per_batch, device=x.device, generator=generator, idx=idx)
 
     def _resolve(self):
         "The eligible `_Point`s of the learner's model, found once per model"
@@ -117,7 +119,7 @@ class ManifoldMixup(MixHandler):
         pt = pts[self.coin.randrange(len(pts))] if len(pts)>1 else pts[0]
         self.mixed_module = pt.name
         if pt.module is None: return super().mix_batch(generator)  # the input: exactly MixUp
-        self.mix = self.draw(self.xb[0], generator)
+        self.mix = self.draw_batch(self.xb, self.yb, generator)  # partners by rule (compared at the inputs), then MixUp's draw
         self.mix.per_position,self.mix.mixed_module = self.per_position,pt.name  # the `Mix` says where it applies, for viewers
         self.learn.yb,self.mix_loss = self.mix.targets(self.yb, self._user_loss())
         self._arm(pt)

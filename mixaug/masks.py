@@ -12,8 +12,8 @@ from .core import *
 from .core import _draw, _const, _spread, _sym_rows, _sym_beta, _cycle, check_count
 
 # %% auto #0
-__all__ = ['Box', 'draw_cutmix', 'PixelMap', 'draw_fmix', 'Grid', 'draw_gridmix', 'Resized', 'draw_resizemix', 'draw_tau',
-           'Chosen', 'choose_mixes', 'choose_draw', 'draw_cutmixup']
+__all__ = ['Box', 'draw_cutmix', 'PixelMap', 'check_decay', 'draw_fmix', 'Grid', 'draw_gridmix', 'Resized', 'draw_resizemix',
+           'draw_tau', 'Chosen', 'choose_mixes', 'choose_draw', 'draw_cutmixup']
 
 # %% ../nbs/00a_masks.ipynb #240a4af8
 def _spatial_shape(x:Tensor, method:str='CutMix') -> tuple:
@@ -128,6 +128,14 @@ def _top_k(field:Tensor, k:Tensor) -> Tensor:
     return torch.empty_like(field, dtype=torch.bool).scatter_(1, order, ranks < k[:,None])
 
 # %% ../nbs/00a_masks.ipynb #870a936f
+def check_decay(
+    decay_power, # The value given for FMix's decay power
+) -> float:
+    "`decay_power` as a float, or an error if it is not a finite real number"
+    d = as_real(decay_power, 'decay_power', 'a real number (the power the spectrum decays with)')
+    if not math.isfinite(d): raise ValueError(f"`decay_power` must be a finite number; got {decay_power!r}")
+    return d
+
 def draw_fmix(
     x:Tensor, # The batch's first input, (n, c, *spatial) with 1 to 3 spatial dims
     alpha:float=1., # Parameter of the Beta(alpha, alpha) law of lam, the fraction of positions kept
@@ -138,8 +146,7 @@ def draw_fmix(
 ) -> Mix:
     "An [FMix](https://arxiv.org/abs/2002.12047) `Mix`: each sample keeps the `round(lam*N)` positions where a low-frequency random field is highest"
     spatial,n,alpha = _spatial_shape(x, 'FMix'),len(x),check_alpha(alpha)
-    decay = as_real(decay_power, 'decay_power', 'a real number (the power the spectrum decays with)')
-    if not math.isfinite(decay): raise ValueError(f"`decay_power` must be a finite number; got {decay_power!r}")
+    decay = check_decay(decay_power)
     m,N,r = (min(n,1) if per_batch else n),math.prod(spatial),_sym_rows(alpha)
     u = _draw(torch.rand, 1+r, n, device=x.device, generator=generator)
     scale = _fourier_scale(spatial, decay, x.device)
@@ -377,12 +384,13 @@ def draw_cutmixup(
     switch_prob:float=0.5, # Probability that a sample is cut by a box
     fold:bool=True, # An interpolated sample keeps the larger share, max(lam, 1-lam)
     generator:torch.Generator|None=None, # A torch.Generator, for reproducible draws
+    idx:Tensor|None=None, # Each sample's partner, an index into the batch; None: a random cycle through the batch
 ) -> Mix:
     "A `Mix` where each sample is cut by a box with probability `switch_prob`, else interpolated as in MixUp"
     _spatial_shape(x)
     am,ac = check_alpha(mixup_alpha, 'mixup_alpha'),check_alpha(cutmix_alpha, 'cutmix_alpha')
     sp = check_prob(switch_prob, 'switch_prob', 'the probability of CutMix')
     u = _draw(torch.rand, 2, len(x), device=x.device, generator=generator)  # the partners and each sample's choice
-    idx = _cycle(u[0])  # one partner each, whichever way it is mixed
+    if idx is None: idx = _cycle(u[0])  # one partner each, whichever way it is mixed (given: u[0] is drawn all the same)
     mixes = [draw_mixup(len(x), am, fold=fold, device=x.device, generator=generator, idx=idx), draw_cutmix(x, ac, generator=generator, idx=idx)]
     return choose_mixes(mixes, u[1] < sp)

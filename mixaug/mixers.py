@@ -6,114 +6,36 @@
 from __future__ import annotations
 import math, random
 import numpy as np, torch
-from fastcore.meta import delegates
 from .core import *
 from .masks import *
-from .masks import _check_grid, _check_scale
+from .methods import *  # each method's arguments and draw, shared with the Lightning callbacks
 from .callbacks import MixHandler, MixUp, CutMix
 
 # %% auto #0
 __all__ = ['FMix', 'GridMix', 'ResizeMix', 'MixChoice', 'CutMixUp']
 
 # %% ../nbs/01a_mixers.ipynb #bf8f1259
-@delegates()
-class FMix(MixHandler):
+@front_end(MixHandler)
+class FMix(FMixMethod, MixHandler):
     "[FMix](https://arxiv.org/abs/2002.12047): paste a low-frequency blob of a partner into each sample; targets weighted by area"
-    def __init__(self,
-        alpha:float=1., # The fraction of positions kept ~ Beta(alpha, alpha)
-        decay_power:float=3., # The blob's spectrum falls off as frequency**(-decay_power): larger is smoother
-        per_batch:bool=False, # One mask for the whole batch instead of one per sample
-        **kwargs
-    ):
-        super().__init__(**kwargs)
-        self.alpha,self.per_batch = check_alpha(alpha),check_bool(per_batch, 'per_batch')
-        self.decay_power = as_real(decay_power, 'decay_power', 'a real number (the power the spectrum decays with)')
-        if not math.isfinite(self.decay_power): raise ValueError(f"`decay_power` must be a finite number; got {decay_power!r}")
 
-    def draw(self, x, generator): return draw_fmix(x, self.alpha, self.decay_power, per_batch=self.per_batch, generator=generator)
 
 # %% ../nbs/01a_mixers.ipynb #ab18afb4
-@delegates()
-class GridMix(MixHandler):
+@front_end(MixHandler)
+class GridMix(GridMixMethod, MixHandler):
     "[GridMix](https://doi.org/10.1016/j.patcog.2020.107594): take each cell of a grid from the partner with probability 1-lam0"
-    def __init__(self,
-        alpha:float=1., # Each sample keeps its cells with probability lam0 ~ Beta(alpha, alpha)
-        grid:int|tuple=(2, 6), # Cells per side, drawn per sample from the ints in this range (an int: fixed)
-        per_batch:bool=False, # One grid for the whole batch instead of one per sample
-        **kwargs
-    ):
-        super().__init__(**kwargs)
-        self.alpha,self.grid,self.per_batch = check_alpha(alpha),_check_grid(grid),check_bool(per_batch, 'per_batch')
 
-    def lam_laws(self):
-        "The law of lam0, each cell's probability of being kept (lam, the area kept, spreads around it)"
-        return [dict(label=f"GridMix cells kept, α={self.alpha:g}", alpha=self.alpha, beta=None, fold=False)]
-
-    def draw(self, x, generator): return draw_gridmix(x, self.alpha, self.grid, per_batch=self.per_batch, generator=generator)
 
 # %% ../nbs/01a_mixers.ipynb #75d4e122
-@delegates()
-class ResizeMix(MixHandler):
+@front_end(MixHandler)
+class ResizeMix(ResizeMixMethod, MixHandler):
     "[ResizeMix](https://arxiv.org/abs/2012.11101): paste the whole partner, resized into a box, into each sample; targets weighted by area"
-    def __init__(self,
-        scale:tuple=(.1, .8), # Range of tau, the box's side over the input's: tau ~ U(scale), one per batch
-        per_batch:bool=False, # One box position for the whole batch instead of one per sample
-        **kwargs
-    ):
-        super().__init__(**kwargs)
-        self.scale,self.per_batch = _check_scale(scale),check_bool(per_batch, 'per_batch')
 
-    def lam_laws(self):
-        "lam = 1 - tau**2 for tau ~ U(scale): not a Beta law, so its density comes as a function, `pdf`"
-        a,b = self.scale
-        def pdf(x):
-            x = np.asarray(x, dtype=float)
-            if b==a: return np.zeros_like(x)
-            return np.where((x >= 1-b*b) & (x <= 1-a*a), 1/((b-a)*2*np.sqrt(np.clip(1-x, 1e-12, None))), 0.)
-        return [dict(label=f"ResizeMix τ~U({a:g}, {b:g})", pdf=pdf)]
-
-    def draw(self, x, generator):
-        # tau comes from the callback's own seeded coin, on the host: nothing is read back from the device
-        return draw_resizemix(x, self.scale, tau=draw_tau(self.scale, self.coin), per_batch=self.per_batch, generator=generator)
 
 # %% ../nbs/01a_mixers.ipynb #eb646dc7
-@delegates()
-class MixChoice(MixHandler):
+@front_end(MixHandler)
+class MixChoice(MixChoiceMethod, MixHandler):
     "Several mixers (None: no mixing), one chosen per batch or per sample with the given probabilities"
-    def __init__(self,
-        mixers:list, # Mixing callbacks (MixUp(), CutMix(), FMix(), GridMix(), ResizeMix()) or None, no mixing
-        probs:list|None=None, # Probability of each mixer, summing to 1; None: all equal
-        per_sample:bool=False, # Choose for each sample (in one pass over the batch) instead of for each batch
-        **kwargs
-    ):
-        super().__init__(**kwargs)
-        if not isinstance(mixers, (list, tuple)) or not mixers: raise TypeError(
-            f"`mixers` must be a non-empty list of mixing callbacks or None; got {mixers!r}")
-        for m in mixers:
-            if m is not None and (not isinstance(m, MixHandler) or isinstance(m, MixChoice) or not m._mixes_targets): raise TypeError(
-                f"`mixers` must hold callbacks that mix the batch's own samples (MixUp, CutMix, FMix, GridMix, ResizeMix) or None; got {m!r}")
-        if all(m is None for m in mixers): raise ValueError("`mixers` must hold at least one mixing callback besides None")
-        self.mixers,self.probs = list(mixers),check_probs(probs, len(mixers))
-        self.per_sample = check_bool(per_sample, 'per_sample')
-
-    def lam_laws(self):
-        "The laws of each mixer that may be chosen, with its probability"
-        return [dict(l, label=f"{p:.0%} {l['label']}") for m,p in self._live() for l in m.lam_laws()]
-
-    def _live(self) -> list:
-        "The mixers that may be chosen, with their probabilities, drawing with this callback's coin"
-        for m in self.mixers:
-            if m is not None: m.coin = self.coin  # ResizeMix's tau, a per-batch choice of their own
-        return [(m,p) for m,p in zip(self.mixers, self.probs) if m is not None and p>0]
-
-    def draw(self, x, generator):
-        "The chosen mixer's draw for this batch (None: not mixed), or per sample one `Mix` of all of theirs"
-        self._live()
-        return choose_draw([None if m is None else m.draw for m in self.mixers], self.probs, self.per_sample, self.coin, x, generator)
-
-    def _kinds_of_mix(self, x, generator):
-        return [k for m,_ in self._live() for k in m._kinds_of_mix(x, generator)]
-
     def _refuse_conflicts(self):
         "At the first training batch of a fit: refuse a mixer that can't mix these batches, whatever its probability"
         x = self.xb[0]
@@ -123,30 +45,12 @@ class MixChoice(MixHandler):
             for m,_ in self._live():
                 try: m._kinds_of_mix(x, g)
                 except (ValueError, TypeError) as e: raise ValueError(
-                    f"{type(self).__name__} may choose {type(m).__name__}, which can't mix these batches: {e}") from None
+                    f"{type(self).__name__} may choose {type(m).__name__.removesuffix('Method')}, which can't mix these batches: {e}") from None
         super()._refuse_conflicts()
 
+
 # %% ../nbs/01a_mixers.ipynb #34d36e24
-@delegates()
-class CutMixUp(MixChoice):
+@front_end(MixHandler)
+class CutMixUp(CutMixUpMethod, MixChoice):
     "MixUp or CutMix, chosen per batch or per sample, with probability `switch_prob` of CutMix (timm's `switch_prob`)"
-    def __init__(self,
-        mixup_alpha:float=.4, # alpha of the MixUp draws
-        cutmix_alpha:float=1., # alpha of the CutMix draws
-        switch_prob:float=.5, # Probability of CutMix rather than MixUp
-        per_sample:bool=False, # Choose for each sample (in one pass over the batch) instead of for each batch
-        **kwargs
-    ):
-        self.mixup_alpha,self.cutmix_alpha = check_alpha(mixup_alpha, 'mixup_alpha'),check_alpha(cutmix_alpha, 'cutmix_alpha')
-        self.switch_prob = check_prob(switch_prob, 'switch_prob', 'the probability of CutMix')
-        super().__init__([CutMix(self.cutmix_alpha), MixUp(self.mixup_alpha)], [self.switch_prob, 1-self.switch_prob], per_sample, **kwargs)
 
-    def lam_laws(self):
-        "Its two laws: MixUp's (folded) and CutMix's"
-        n = type(self).__name__
-        return [dict(label=f"{n} MixUp α={self.mixup_alpha:g}", alpha=self.mixup_alpha, beta=None, fold=True),
-                dict(label=f"{n} CutMix α={self.cutmix_alpha:g}", alpha=self.cutmix_alpha, beta=None, fold=False)]
-
-    def draw(self, x, generator):
-        if self.per_sample: return draw_cutmixup(x, self.mixup_alpha, self.cutmix_alpha, self.switch_prob, generator=generator)
-        return super().draw(x, generator)

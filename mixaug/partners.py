@@ -5,12 +5,13 @@
 # %% ../nbs/00b_partners.ipynb #3189813d
 from __future__ import annotations
 import math
-import torch
+import numpy as np, torch
 from torch import Tensor
 from .core import as_real, draw_partners, _draw
 
 # %% auto #0
-__all__ = ['same_class_partners', 'nearest_partners', 'kernel_partners', 'check_sigma', 'draw_partners_by']
+__all__ = ['same_class_partners', 'nearest_partners', 'kernel_partners', 'check_sigma', 'draw_partners_by', 'check_partners',
+           'rule_partners', 'remix_weights', 'check_counts']
 
 # %% ../nbs/00b_partners.ipynb #dc62e789
 def _rows(t, name:str, what:str) -> Tensor:
@@ -122,3 +123,62 @@ def draw_partners_by(
         return nearest_partners(x)
     if y is None: raise ValueError(f"`y` is needed by rule {rule!r}, which compares the targets; got None")
     return same_class_partners(y, generator) if rule=='same_class' else kernel_partners(y, sigma, generator)
+
+def check_partners(
+    partners, # The rule given: 'random', 'same_class', 'nearest' or 'kernel'
+    sigma=None, # The kernel's bandwidth given with it: a number for 'kernel', None for the others
+) -> tuple[str,float|None]:
+    "`(partners, sigma)` checked for a mixing callback's `partners=` and `sigma=`, or an error naming the argument"
+    if not isinstance(partners, str) or partners not in _RULES: raise ValueError(
+        f"`partners` must be one of {', '.join(map(repr, _RULES))}; got {partners!r}")
+    if partners!='kernel':
+        if sigma is not None: raise ValueError(f"`sigma` is the bandwidth of partners='kernel'; partners={partners!r} takes none, got {sigma!r}")
+        return partners,None
+    if sigma is None: raise ValueError("partners='kernel' needs `sigma`, the kernel's bandwidth in the targets' units (see CMixup); got None")
+    return partners,check_sigma(sigma)
+
+def rule_partners(
+    rule:str, # A rule as `check_partners` gives it
+    sigma:float|None, # Its bandwidth (rule 'kernel')
+    x:Tensor, # The batch's first input
+    ys:tuple, # The batch's targets: rules 'same_class' and 'kernel' compare the first
+    generator:torch.Generator|None=None, # A torch.Generator, for reproducible draws
+) -> Tensor|None:
+    "A callback's partners by `rule`, for a draw's `idx=`; None for 'random', which each draw takes from its own first uniforms"
+    if rule=='random': return None
+    if rule!='nearest' and not ys: raise ValueError(f"partners={rule!r} compares the targets, but the batch has none")
+    return draw_partners_by(rule, x, ys[0] if ys else None, sigma if rule=='kernel' else None, generator)
+
+
+# %% ../nbs/00b_partners.ipynb #d546fcb9
+def remix_weights(
+    lam:Tensor, # Weight each sample keeps of its own input, unfolded (it may fall below 1/2)
+    y:Tensor, # Class targets: int class indices (n,), or one-hot or soft rows (n, k)
+    idx:Tensor, # Each sample's partner
+    counts:Tensor, # Number of training samples of each class, indexed by class (on any device)
+    kappa:float=3., # How many times more samples a class needs to count as the majority of a pair
+    tau:float=.5, # The minority sample's share of the input above which the label goes to it alone
+) -> Tensor:
+    "Remix's label weight of each sample's own class: 0 if its class is the pair's majority (`n_i/n_j >= kappa`) and `lam < tau`, 1 if the minority (`n_i/n_j <= 1/kappa`) and `1-lam < tau`, else `lam`"
+    c = _classes(_rows(y, 'y', 'class targets')).long()
+    if len(c)!=len(lam) or len(idx)!=len(lam): raise ValueError(
+        f"`lam`, `y` and `idx` must have one row per sample: got {len(lam)}, {len(c)} and {len(idx)}")
+    n = _rows(counts, 'counts', 'the count of each class').to(device=lam.device, dtype=torch.float64 if lam.dtype==torch.float64 else torch.float32)
+    ni,nj = n[c],n[c[idx]]  # the own class's count and the partner's; compared by products, not a rounded ratio
+    w = torch.where((ni*kappa <= nj) & (1-lam < tau), torch.ones_like(lam), lam)
+    return torch.where((ni >= kappa*nj) & (lam < tau), torch.zeros_like(lam), w)  # at kappa 1 both may hold: the majority rule wins
+
+
+def check_counts(
+    counts, # The value given: a list, array or tensor with the number of training samples of each class
+    name:str='counts', # The argument's name, for the error message
+) -> Tensor:
+    "`counts` as a 1-d float tensor on the host, or an error naming `name` if it is not one count >= 0 per class"
+    msg = f"`{name}` must be the number of training samples of each class, indexed by class (numbers >= 0, one per class); got {counts!r}"
+    try: t = counts.detach().cpu() if isinstance(counts, Tensor) else torch.as_tensor(np.asarray(counts))
+    except (TypeError, ValueError, RuntimeError): raise TypeError(msg) from None
+    if t.ndim!=1 or not len(t) or t.dtype==torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)): raise TypeError(msg)
+    t = t.double()
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()): raise ValueError(msg)
+    return t.float()
+

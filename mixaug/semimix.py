@@ -14,6 +14,7 @@ from fastai.data.load import DataLoader
 from fastai.data.core import Datasets, TfmdLists, test_set
 from fastai.tabular.core import Tabular, TabDataLoader
 from .core import *
+from .partners import rule_partners
 from .callbacks import MixHandler, rank_world, loader_kept, _event_frame, _on_stack
 
 # %% auto #0
@@ -115,6 +116,8 @@ class SemiMix(MixHandler):
     ):
         super().__init__(**kwargs)
         _check_source(unlabeled)
+        if unlabeled is not None and self.partners!='random': raise ValueError(
+            f"SemiMix's partners come from `unlabeled`, in the stream's order: `partners` must be 'random' with it; got {self.partners!r}")
         self.unlabeled,self.alpha = unlabeled,check_alpha(alpha)
         self.partner_xb,self._dl,self._it,self._rest,self._fit = None,None,None,None,None
 
@@ -193,7 +196,9 @@ class SemiMix(MixHandler):
     def mix_batch(self, generator):
         "Blend the inputs with their partners, unlabeled or from the batch; targets and loss are left as they are"
         x,gen,n = self.xb[0],generator,len(self.xb[0])
-        if self.unlabeled is None: self.partner_xb,idx = self.xb,draw_partners(n, x.device, gen)
+        if self.unlabeled is None:
+            idx = rule_partners(self.partners, self.sigma, x, self.yb, gen)
+            self.partner_xb,idx = self.xb,(draw_partners(n, x.device, gen) if idx is None else idx)
         else: self.partner_xb,idx = self._take(self.xb),torch.arange(n, device=x.device)
         self.mix = Mix(idx, draw_lam(n, self.alpha+1, self.alpha, device=x.device, generator=gen))
         # `mix` gathers the partners into a new tensor and blends there: neither the batch nor the unlabeled data is written
@@ -206,6 +211,7 @@ class SemiMix(MixHandler):
 
     def after_pred(self): "Never swaps the loss: the objective is the user's loss on each sample's own target"
     _mixes_targets = False  # the labeled sample's own targets, as given: never left to a mixed loss
+    _choosable = False  # its partners may come from elsewhere: MixChoice can't choose it
 
     @property
     def partner_name(self) -> str|None:

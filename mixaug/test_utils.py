@@ -17,7 +17,7 @@ import fastai.callback.progress  # `Learner.no_bar`, which `quiet_fit` uses
 # %% auto #0
 __all__ = ['small_figures', 'run_batch', 'quiet_fit', 'tiny_dls', 'tiny_learner', 'identity_batch', 'read_shares', 'lin_model',
            'TwoIn', 'ViewDL', 'expected_loss', 'fits_law', 'binom_p', 'uniform_p', 'brentq_ppf', 'law_edges', 'law_p',
-           'CountSyncs', 'CountOps', 'CountBytes']
+           'kernel_law', 'law_fit', 'CountSyncs', 'CountOps', 'CountBytes']
 
 # %% ../nbs/97_test_utils.ipynb #8cec2a43
 def small_figures(dpi:int=72, fmt:str='png', fontsize:int=8):
@@ -133,6 +133,24 @@ def law_edges(cdf, n:int, k:int=20) -> list:
 def law_p(lam, cdf) -> float:
     "p-value of a chi-square test of sample `lam` against `cdf` on `law_edges`: equal-probability bins and the tails"
     return fits_law(lam, cdf, law_edges(cdf, len(lam)))
+
+# %% ../nbs/97_test_utils.ipynb #09df4062
+def kernel_law(y, sigma, self_too=False):
+    "`P[i, j]` of C-Mixup's kernel, in float64 numpy: exp(-|y_i-y_j|²/(2 sigma²)) over j, i excluded unless `self_too`"
+    r = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    w = np.exp(-((r[:,None]-r[None])**2).sum(-1)/(2*sigma**2))
+    if not self_too: np.fill_diagonal(w, 0)
+    return w/w.sum(1, keepdims=True)
+
+def law_fit(idx, P):
+    "p-value of a chi-square test of partners `idx` (draws, n) against law `P` (n, n): one multinomial per sample"
+    T,n = idx.shape
+    C = np.stack([np.bincount(idx[:,i].numpy(), minlength=n) for i in range(n)])
+    m = P > 0
+    if (C[~m] > 0).any(): return 0.  # a partner the law never draws
+    assert (T*P[m] >= 5).all(), 'a chi-square needs at least 5 expected per cell'
+    return stats.chisquare(C[m], T*P[m], ddof=n-1).pvalue  # m.sum() cells, n sums fixed
+
 
 # %% ../nbs/97_test_utils.ipynb #e7fb284b
 class CountSyncs(TorchDispatchMode):

@@ -13,10 +13,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 os.chdir(ROOT)  # nbdev finds settings.ini from the working directory
 
+def _prefer_own_names(src):
+    "Link a name defined in several modules (`FMix`: mixers and lightning) to the page's own module, else to the fastai one"
+    import nbdev.doclinks as dl
+    orig = getattr(dl._build_lookup_table, 'orig', dl._build_lookup_table)
+    m = re.search(r'^#\|\s*default_exp\s+(\S+)', Path(src).read_text(), re.M)
+    own = m and m[1]
+    def build(*a, **k):
+        entries,syms = orig(*a, **k)
+        for lib,e in entries.items():  # nbdev keeps the first module alphabetically; rank them instead
+            mods = sorted(e['syms'], key=lambda mod: (mod==f'{lib}.{own}', mod!=f'{lib}.lightning'))
+            for mod in mods:  # lowest rank first: the highest overwrites
+                for k_,v in e['syms'][mod].items(): syms[k_.removeprefix(f'{mod}.')] = v
+        return entries,syms
+    build.orig = orig
+    dl._build_lookup_table = build
+
 def proc(src):
     "Run nbdev's docs processors on notebook `src`, into `_proc/`; returns the error, or '' if it worked."
     from nbdev.processors import FilterDefaults
     from nbdev.serve_drv import main
+    _prefer_own_names(src)
     (ROOT/'_proc').mkdir(exist_ok=True)
     try: main((Path(src), ROOT/'_proc'/Path(src).name, FilterDefaults)); return ''
     except Exception: return traceback.format_exc()
