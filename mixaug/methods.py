@@ -34,7 +34,7 @@ class Method:
         if not hasattr(self, 'alpha'): raise TypeError(f"{type(self).__name__} has no `alpha`: it must override `lam_laws`")
         a,fold = self.alpha,getattr(self, 'fold', False)
         tail = ' (one per batch)' if getattr(self, 'per_batch', False) else ''
-        return [dict(label=f"{type(self).__name__} α={a:g}" + (', folded' if fold else '') + tail, alpha=a, beta=None, fold=fold)]
+        return [dict(label=f"{type(self).__name__.removesuffix('Method')} α={a:g}" + (', folded' if fold else '') + tail, alpha=a, beta=None, fold=fold)]
 
     def label_weights(self, mix:Mix, ys:tuple) -> Mix:
         "The mix with the weights its targets keep (`Mix.lam_y`): here as drawn, `lam`; Remix sets its own"
@@ -58,7 +58,7 @@ class Method:
 
 # %% ../nbs/00c_methods.ipynb #626b2050
 def front_end(
-    handler:type, # The front-end's base callback (its `MixHandler`), which takes the arguments a method passes on
+    handler:type, # The front-end's base callback (its MixHandler), which takes the arguments a method passes on
     but:tuple=(), # Arguments of `handler` the callback sets itself, left out of its signature
 ):
     "Class decorator for a front-end's callback `class X(XMethod, handler)`: its own copy of the method's `__init__`, signed with `handler`'s arguments too"

@@ -79,7 +79,9 @@ def mixed_batch(
         learn._split(b)
         xb0,yb0 = learn.xb,learn.yb
         cb.before_batch()
-        return MixedBatch(learn.xb, learn.yb, cb.mix, cb, xb0, yb0, cb.partner_xb)
+        xb,mix = learn.xb,cb.mix
+        if isinstance(mix, WithClean): xb,mix = tuple(t[len(t)//2:] if isinstance(t, Tensor) else t for t in xb),mix.mix  # RegMixup: its mixed half
+        return MixedBatch(xb, learn.yb, mix, cb, xb0, yb0, cb.partner_xb)
 
 # %% ../nbs/03_show.ipynb #388cb878
 def _vocab(learn, vocab=None):
