@@ -20,6 +20,10 @@ from fastai.callback.core import Callback
 from fastai.losses import MSELossFlat
 from fastai.torch_core import set_seed
 from fastai.callback.schedule import *  # `fit_one_cycle`
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the mask-family experiment's helpers, one copy for every evidence tool: value hashes, in-memory batches, paired
+# statistics, and whether the imported mixaug is the commit's
+from mask_family import sha, TensorDL, mean_sd, paired, engine_match
 from mixaug.callbacks import MixUp
 from mixaug.label_aware import CMixup
 
@@ -76,17 +80,6 @@ def data(ds:str, seed:int, n_val:int|None=None, n_test:int|None=None) -> dict:
 def mlp(n_in:int, width:int=64) -> nn.Module:
     "Two hidden layers of `width` ReLU units, one output"
     return nn.Sequential(nn.Linear(n_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1))
-
-def sha(*ts) -> str:
-    "A short hash of tensors' values, to show that paired runs saw the same thing"
-    h = hashlib.sha1()
-    for t in ts: h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
-
-class TensorDL(DataLoader):
-    "Batches indexed straight out of tensors in memory (no per-item collation)"
-    def __init__(self, *tensors, **kwargs): self.tensors = tensors; super().__init__(range(len(tensors[0])), **kwargs)
-    def create_batch(self, b): i = torch.tensor(b); return tuple(t[i] for t in self.tensors)
 
 # ---------------------------------------------------------------- methods: the callbacks' defaults, CMixup with sigma from a grid
 SIGMAS = (.1, .3, 1.)  # in units of the training targets' sd
@@ -153,9 +146,6 @@ def run(ds:str, method:str, seed:int, epochs:int|None=None, n_train:int|None=Non
                 seconds=time.perf_counter()-start)
 
 # ---------------------------------------------------------------- statistics
-# mean_sd and paired: the mask-family experiment's, one copy for every evidence tool
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from mask_family import mean_sd, paired
 
 def pick_cmixup(rows:list, ds:str, seed:int) -> dict:
     "The CMixup run of `ds` and `seed` whose chosen epoch has the lowest validation RMSE over the sigma grid (ties to the smaller sigma)"
@@ -191,19 +181,6 @@ def git_state(root:str=ROOT, engine:tuple=ENGINE) -> dict:
     return dict(commit=git('rev-parse', 'HEAD').strip(), tracked_clean=not dirty, dirty_tracked=dirty,
                 engine_clean=not any(p.startswith(engine) for p in dirty) and not untracked_engine,
                 untracked_engine=untracked_engine)
-
-def engine_match(root:str=ROOT) -> dict:
-    "Whether the mixaug imported here is the commit's, file by file (what ran, whatever the working tree holds)"
-    import mixaug
-    d = os.path.dirname(mixaug.__file__)
-    here = sorted(f for f in os.listdir(d) if f.endswith('.py'))
-    ls = subprocess.run(['git', '-C', root, 'ls-tree', '--name-only', 'HEAD', 'mixaug/'], capture_output=True, text=True, check=True).stdout
-    committed = sorted(os.path.basename(l) for l in ls.splitlines() if l.endswith('.py'))
-    def same(f):
-        r = subprocess.run(['git', '-C', root, 'show', f'HEAD:mixaug/{f}'], capture_output=True)
-        return r.returncode==0 and r.stdout==open(os.path.join(d, f), 'rb').read()
-    differ = sorted(set(here) ^ set(committed)) + [f for f in here if f in committed and not same(f)]
-    return dict(mixaug_imported_from=d, imported_matches_commit=not differ, imported_differs=differ)
 
 def source_sha1() -> dict:
     "A short sha1 of each .py file of the mixaug imported here"
