@@ -9,7 +9,6 @@ from torch import Tensor
 from .core import *
 from .core import _halves
 from .partners import *
-from .partners import _classes, _rows
 from .methods import *
 from .callbacks import MixHandler, MixUp, CutMix
 
@@ -33,12 +32,9 @@ def train_class_counts(
     else:
         try: ys = [o[n_inp] for o in ds]  # each item read, inputs too
         except (TypeError, IndexError, KeyError): raise ValueError("Remix can't find the targets of `dls.train`'s items: pass `counts`") from None
-    if not ys: raise ValueError("Remix can't count the classes: `dls.train` has no samples; pass `counts`")
-    try: c = _classes(torch.stack([torch.as_tensor(y) for y in ys]))
-    except (ValueError, TypeError, RuntimeError) as e: raise ValueError(f"Remix can't count the classes of `dls.train`'s targets ({e}); pass `counts`") from None
     vocab = getattr(dls, 'vocab', None)
     k = len(vocab) if vocab is not None and not isinstance(vocab[0] if len(vocab) else None, (list, tuple)) else 0
-    return torch.bincount(c.long().flatten().cpu(), minlength=k).float()
+    return count_classes(ys, minlength=k)  # a class with no training sample counts 0
 
 @front_end(MixHandler)
 class Remix(RemixMethod, MixHandler):

@@ -17,7 +17,7 @@ except ImportError:
 from .core import *
 from .core import _mix_out
 from .masks import *
-from .partners import check_partners, rule_partners, _classes
+from .partners import check_partners, rule_partners, count_classes
 from .methods import *  # each method's arguments and draw, shared with the fastai callbacks
 
 # %% auto #0
@@ -369,10 +369,8 @@ def dataset_class_counts(
         if isinstance(s, Mapping): y = s[cb.target_keys[0]]
         elif isinstance(s, (tuple, list)) and len(s) > cb.n_inp: y = s[cb.n_inp]
         else: raise ValueError(f"Remix can't find a target in the dataset's sample {i} ({type(s).__name__}): pass `counts`")
-        ys.append(torch.as_tensor(y))
-    if not ys: raise ValueError("Remix can't count the classes: the training dataset is empty; pass `counts`")
-    c = _classes(torch.stack(ys)) if ys[0].ndim else torch.stack(ys)
-    return torch.bincount(c.long().flatten().cpu()).float()
+        ys.append(y)
+    return count_classes(ys)
 
 @front_end(MixHandler)
 class Remix(RemixMethod, MixHandler):
@@ -481,8 +479,7 @@ class ManifoldMixup(MixHandler):
             f"ManifoldMixup's `modules` must be None or a non-empty list of submodule names or 'input'; got {modules!r}")
         self.modules,self.mixed_module,self._hook = modules,None,None
 
-    def draw(self, x, generator, idx=None):
-        return draw_mixup(len(x), self.alpha, fold=self.fold, per_batch=self.per_batch, device=x.device, generator=generator, idx=idx)
+    draw = MixUpMethod.draw  # MixUp's draw: alpha, fold and per_batch are the same arguments
 
     def on_fit_start(self, trainer, pl_module):
         names = self.modules if self.modules is not None else _default_points(pl_module)

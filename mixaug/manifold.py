@@ -12,6 +12,7 @@ from fastai.vision.learner import TimmBody
 from .core import *
 from .core import _mix_out  # the representation mixed through tuples, lists and dicts, as the Lightning front-end does
 from .callbacks import MixHandler, _event_frame, _on_stack
+from .methods import MixUpMethod
 
 # %% auto #0
 __all__ = ['eligible_points', 'ManifoldMixup']
@@ -87,8 +88,7 @@ class ManifoldMixup(MixHandler):
 
     _choosable = False  # its mix is applied inside the model: MixChoice can't choose it
 
-    def draw(self, x, generator, idx=None):
-        return draw_mixup(len(x), self.alpha, fold=self.fold, per_batch=self.per_batch, device=x.device, generator=generator, idx=idx)
+    draw = MixUpMethod.draw  # MixUp's draw: alpha, fold and per_batch are the same arguments
 
     def _resolve(self):
         "The eligible `_Point`s of the learner's model, found once per model"

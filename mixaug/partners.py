@@ -11,7 +11,7 @@ from .core import as_real, draw_partners, _draw
 
 # %% auto #0
 __all__ = ['same_class_partners', 'nearest_partners', 'kernel_partners', 'check_sigma', 'draw_partners_by', 'check_partners',
-           'rule_partners', 'remix_weights', 'check_counts']
+           'rule_partners', 'remix_weights', 'count_classes', 'check_counts']
 
 # %% ../nbs/00b_partners.ipynb #dc62e789
 def _rows(t, name:str, what:str) -> Tensor:
@@ -168,6 +168,16 @@ def remix_weights(
     w = torch.where((ni*kappa <= nj) & (1-lam < tau), torch.ones_like(lam), lam)
     return torch.where((ni >= kappa*nj) & (lam < tau), torch.zeros_like(lam), w)  # at kappa 1 both may hold: the majority rule wins
 
+
+def count_classes(
+    ys:list, # Each training sample's class target: an int class index, or a one-hot or soft row
+    minlength:int=0, # At least this many classes (those past the largest seen count 0)
+) -> Tensor:
+    "The number of samples of each class among targets `ys`, indexed by class, on the host: the `counts` Remix needs"
+    if not len(ys): raise ValueError("Remix can't count the classes: the training data has no samples; pass `counts`")
+    try: c = _classes(torch.stack([torch.as_tensor(y) for y in ys]))
+    except (ValueError, TypeError, RuntimeError) as e: raise ValueError(f"Remix can't count the classes of the training targets ({e}); pass `counts`") from None
+    return torch.bincount(c.long().flatten().cpu(), minlength=minlength).float()
 
 def check_counts(
     counts, # The value given: a list, array or tensor with the number of training samples of each class
