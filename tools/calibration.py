@@ -43,7 +43,11 @@ def equal_mass_bins(probs, y, n_bins:int=15) -> dict:
     f = lambda v: [float(v[torch.as_tensor(p)].sum()) for p in parts]
     return dict(count=[len(p) for p in parts], conf=f(conf), hit=f(hit))
 
-ece_from_bins = wmb.ece_from_bins  # the same sum over bins, whatever the bins are: one copy
+def ece_from_bins(bins) -> float:
+    "ECE from per-bin sums: sum over bins of |bin| / n times |accuracy - mean confidence| in the bin"
+    # in numpy, as the saved results were computed: what_mixing_buys's torch copy sums in another order (last bits differ)
+    count,conf,hit = (np.asarray(bins[k], dtype=np.float64) for k in ('count','conf','hit'))
+    return float(np.abs(hit-conf).sum()/count.sum())
 
 def ece_mass(probs, y, n_bins:int=15) -> float:
     "Expected calibration error of `probs` (n, classes) against labels `y`, with `n_bins` equal-mass bins"
