@@ -4,6 +4,8 @@
 
 # %% ../nbs/97_test_utils.ipynb #2e7f7fed
 from __future__ import annotations
+import json, re
+from pathlib import Path
 import torch, torch.nn as nn
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -17,7 +19,7 @@ import fastai.callback.progress  # `Learner.no_bar`, which `quiet_fit` uses
 # %% auto #0
 __all__ = ['small_figures', 'run_batch', 'quiet_fit', 'tiny_dls', 'tiny_learner', 'identity_batch', 'read_shares', 'lin_model',
            'TwoIn', 'ViewDL', 'expected_loss', 'fits_law', 'binom_p', 'uniform_p', 'brentq_ppf', 'law_edges', 'law_p',
-           'kernel_law', 'law_fit', 'CountSyncs', 'CountOps', 'CountBytes']
+           'kernel_law', 'law_fit', 'CountSyncs', 'CountOps', 'CountBytes', 'page_prose', 'stated_decimals', 'unbacked']
 
 # %% ../nbs/97_test_utils.ipynb #8cec2a43
 def small_figures(dpi:int=72, fmt:str='png', fontsize:int=8):
@@ -210,3 +212,31 @@ class CountBytes(TorchDispatchMode):
         return out
     @property
     def n(self): return self.read + self.written
+
+# %% ../nbs/97_test_utils.ipynb #9d3fe9a2
+_DECIMAL = re.compile(r'(?<![\w.])([−+-]?)(\d+\.\d+)(?![\d.]*\d)')  # not inside a version (2.8.7) or a word
+
+def page_prose(path) -> str:
+    "The markdown cells of notebook `path` as one line of text: links' targets dropped, whitespace collapsed"
+    nb = json.loads(Path(path).read_text())
+    md = ' '.join(''.join(c['source']) for c in nb['cells'] if c['cell_type']=='markdown')
+    return ' '.join(re.sub(r'\]\([^)]*\)', ']', md).split())
+
+def stated_decimals(text:str) -> list[str]:
+    "The decimal numbers written in `text`, each with its sign if one is written before it ('−' read as '-')"
+    out = []
+    for m in _DECIMAL.finditer(text):
+        sign,body = m.groups()
+        if sign and m.start() > 0 and (text[m.start()-1].isalnum() or text[m.start()-1] in ').%'): sign = ''  # a range's dash: 0.76-0.79
+        out.append(sign.replace('−', '-') + body)
+    return out
+
+def unbacked(text:str, given) -> list[str]:
+    "The decimals stated in `text` that no number of `given` rounds to, at the places stated; a stated sign must be the number's"
+    vals = [float(v) for v in given]
+    def backed(s):
+        sign,body = (s[0],s[1:]) if s[0] in '+-' else ('',s)
+        k = len(body.split('.')[1])
+        return any(f"{abs(v):.{k}f}"==body and (not sign or (v < 0)==(sign=='-')) for v in vals)
+    return [s for s in stated_decimals(text) if not backed(s)]
+

@@ -213,6 +213,24 @@ def engine_match(root:str=ROOT) -> dict:
     differ = sorted(set(here) ^ set(committed)) + [f for f in here if f in committed and not same(f)]
     return dict(mixaug_imported_from=d, imported_matches_commit=not differ, imported_differs=differ)
 
+def file_sha(path) -> str:
+    "The first 10 hex digits of the sha1 of file `path`'s bytes"
+    return hashlib.sha1(open(path, 'rb').read()).hexdigest()[:10]
+
+def loaded_sources(root:str=ROOT) -> dict:
+    "`file_sha` of every mixaug module (but the test helpers) and tools/ script this process has imported, by path from the repo root"
+    out = {}
+    for m in list(sys.modules.values()):
+        f = getattr(m, '__file__', None)
+        if not f or not f.endswith('.py') or not os.path.isabs(f): continue
+        rel = os.path.relpath(f, root)
+        if rel.startswith(('mixaug/', 'tools/')) and rel != 'mixaug/test_utils.py': out[rel] = file_sha(os.path.join(root, rel))
+    return dict(sorted(out.items()))
+
+def changed_sources(recorded:dict, root:str=ROOT) -> list:
+    "The files of `recorded` (as `loaded_sources` gives) whose bytes are not the ones recorded: the code changed since the run"
+    return [p for p,h in recorded.items() if not os.path.exists(os.path.join(root, p)) or file_sha(os.path.join(root, p))!=h]
+
 def _run(args): return run(*args)
 
 def main(argv=None):
