@@ -242,7 +242,7 @@ def unbacked(text:str, given) -> list[str]:
     return [s for s in stated_decimals(text) if not backed(s)]
 
 
-# %% ../nbs/97_test_utils.ipynb #c6e2f743
+# %% ../nbs/97_test_utils.ipynb #a317606f
 def json_numbers(o, scales=(1,)) -> list[float]:
     "Every number in the JSON-like `o` (dicts, lists; not booleans), each also times each of `scales` (100: read as percent)"
     if isinstance(o, bool) or o is None or isinstance(o, str): return []
