@@ -20,7 +20,7 @@ import fastai.callback.progress  # `Learner.no_bar`, which `quiet_fit` uses
 __all__ = ['small_figures', 'run_batch', 'quiet_fit', 'tiny_dls', 'tiny_learner', 'identity_batch', 'read_shares', 'lin_model',
            'TwoIn', 'ViewDL', 'expected_loss', 'fits_law', 'binom_p', 'uniform_p', 'brentq_ppf', 'law_edges', 'law_p',
            'kernel_law', 'law_fit', 'CountSyncs', 'CountOps', 'CountBytes', 'page_prose', 'stated_decimals', 'unbacked',
-           'json_numbers']
+           'json_numbers', 'f3', 's3', 'pct', 'pp', 'mean_pm', 'diff_pm']
 
 # %% ../nbs/97_test_utils.ipynb #8cec2a43
 def small_figures(dpi:int=72, fmt:str='png', fontsize:int=8):
@@ -249,4 +249,19 @@ def json_numbers(o, scales=(1,)) -> list[float]:
     if isinstance(o, (int, float)): return [o*s for s in scales]
     vs = o.values() if isinstance(o, dict) else o
     return [v for x in vs for v in json_numbers(x, scales)]
+
+
+# %% ../nbs/97_test_utils.ipynb #3bac05d4
+def f3(v) -> str: "`v` to 3 decimals"; return f"{v:.3f}"
+def s3(v) -> str: "A difference `v` to 3 decimals, with its sign (a minus written −)"; return f"{v:+.3f}".replace('-', '−')
+def pct(v) -> str: "A share `v` in percent, to 1 decimal"; return f"{100*v:.1f}"
+def pp(v) -> str: "A difference of shares `v` in percentage points, to 1 decimal, with its sign (a minus written −)"; return f"{100*v:+.1f}".replace('-', '−')
+
+def mean_pm(d:dict, f=f3) -> str:
+    "A `{'mean', 'sd'}` dict as a page writes it, 'mean ± sd', both by `f`"
+    return f"{f(d['mean'])} ± {f(d['sd'])}"
+
+def diff_pm(d:dict, f=s3, g=f3) -> str:
+    "A paired difference's `{'mean', 'sd'}` as a page writes it: the mean by `f` (signed), ± the sd by `g`"
+    return f"{f(d['mean'])} ± {g(d['sd'])}"
 
